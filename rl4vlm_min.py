@@ -1,0 +1,779 @@
+"""rl4vlm-min: fine-tune a vision-language model as a decision-making agent with PPO (RL4VLM), in one file.
+
+The method (Zhai et al., "Fine-Tuning Large Vision-Language Models as Decision-Making Agents via
+Reinforcement Learning", NeurIPS 2024). At every step the VLM sees the env's frame and a task prompt,
+writes a short chain of thought and then the action as text ({"thoughts": ..., "action": ...}); a
+parser maps the text to a legal action; the env returns a reward. The action's log-probability is
+    log pi(a|s) = lambda * sum log p(thought tokens) + sum log p(action tokens)      (paper, eq. 4.2)
+and PPO with GAE trains the VLM and a value head on those per-step rewards. The pipeline is the
+paper's: a supervised warm start (SFT) on answers written from an oracle, then RL.
+
+Run (CPU, nothing downloaded: an embedded tiny LLaVA is built in code):
+    python rl4vlm_min.py --task numberline
+Run (one GPU, a real checkpoint, the paper's hyper-parameters):
+    python rl4vlm_min.py --task numberline --model llava-hf/llava-v1.6-mistral-7b-hf --preset paper
+
+Shape letters: N envs, S steps per env per update, B batch (samples), P prompt tokens, A answer
+tokens, T = P + A, V vocabulary, H hidden size.
+
+Deviations from the paper, each on purpose:
+- The default model is a 0.5M-parameter LLaVA built from a config (CLIP-style tower, Llama-style
+  LM, word-level tokenizer), so the whole loop runs on a laptop CPU in minutes. Its SFT data uses
+  random actions (--sft-oracle-prob 0 for NumberLine) so that SFT teaches it to see and to answer in
+  format, and RL teaches it to act; the paper's SFT data has the oracle's actions.
+- Tiny-model defaults differ from the paper's (sampling temperature 1, lr 1e-4, clip 0.2, grad-norm
+  0.5, 16 envs x 8 steps, full fine-tuning instead of LoRA); `--preset paper` restores §2 of the
+  paper's settings. The logic (lambda split, GAE, clipped PPO) is the same either way.
+- Truncation (NumberLine's 10-move limit, the points games' formula cap) ends the episode like a
+  termination: it is part of those games' rules and is scored as a loss, so nothing is bootstrapped.
+- The official code's defects are not repeated: the thought/action split comes from character
+  offsets (not hard-coded token ids), every sample is re-scored with its own prompt, LoRA dropout
+  is off while sampling, prompts are batched with left padding, and checkpoints and evaluation exist.
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import transformers
+from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
+
+import envs
+
+TASK_NAMES = list(envs.TASKS)
+transformers.utils.logging.disable_progress_bar()     # no load/save progress bars for a 1 MB model
+
+
+# ---- CONFIG ----
+@dataclass
+class Args:
+    task: Literal["numberline", "ezpoints", "points24", "blackjack"] = field(default="numberline", metadata={"help": "which card env to learn"})
+    model: str = field(default="tiny", metadata={"help": "'tiny' (embedded LLaVA built in code) or a Hugging Face id / local path of an image-text-to-text model"})
+    preset: Literal["tiny", "paper"] = field(default="tiny", metadata={"help": "'paper' sets the paper's hyper-parameters (§2 of RL4VLM) before your flags"})
+    seed: int = field(default=1, metadata={"help": "seeds torch, numpy, python, the envs, sampling and the SFT data"})
+    output_dir: str = field(default="", metadata={"help": "where metrics, checkpoints and plots go (default runs/<task>-seed<seed>)"})
+    # rollout
+    num_envs: int = field(default=16, metadata={"help": "N: envs stepped together with one batched generate"})
+    num_steps: int = field(default=8, metadata={"help": "S: steps per env per PPO update (batch = N * S)"})
+    total_steps: int = field(default=3072, metadata={"help": "env steps of RL in total"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature; logits are divided by it when scoring too"})
+    max_new_tokens: int = field(default=48, metadata={"help": "longest answer the model may write"})
+    cot: bool = field(default=True, metadata={"help": "ask for thoughts before the action (--no-cot: the action only)"})
+    thought_coef: float = field(default=0.5, metadata={"help": "lambda: weight of the thought tokens' log-prob (action tokens weigh 1)"})
+    # PPO and GAE
+    learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate of the RL phase, cosine-decayed to 0"})
+    gamma: float = field(default=0.9, metadata={"help": "discount factor"})
+    gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    update_epochs: int = field(default=4, metadata={"help": "passes over the rollout batch per update"})
+    minibatch_size: int = field(default=32, metadata={"help": "samples per optimizer step"})
+    micro_batch_size: int = field(default=32, metadata={"help": "samples per forward/backward (gradient accumulation up to minibatch_size)"})
+    clip_coef: float = field(default=0.2, metadata={"help": "PPO clip range for the ratio and the value"})
+    ent_coef: float = field(default=0.0, metadata={"help": "entropy bonus (mean per answer token)"})
+    vf_coef: float = field(default=0.5, metadata={"help": "value-loss coefficient"})
+    max_grad_norm: float = field(default=0.5, metadata={"help": "global gradient-norm clip"})
+    # model
+    lora_rank: int = field(default=0, metadata={"help": "LoRA rank; 0 = no LoRA: train all weights"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale is alpha / rank"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input while training (off when sampling)"})
+    lora_targets: Literal["language", "all-linear"] = field(default="language", metadata={"help": "LoRA on the LM's attention+MLP projections, or on every linear layer (the paper)"})
+    # SFT warm start
+    sft_steps: int = field(default=300, metadata={"help": "supervised warm-start steps before RL (0 = none)"})
+    sft_batch_size: int = field(default=32, metadata={"help": "answers per SFT step"})
+    sft_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the SFT warm start"})
+    sft_oracle_prob: float = field(default=-1.0, metadata={"help": "chance that an SFT answer's action is the oracle's (else uniform random); -1 = the task's default"})
+    # evaluation and output
+    eval_episodes: int = field(default=200, metadata={"help": "episodes per evaluation, on fixed seeds disjoint from training"})
+    save_every: int = field(default=0, metadata={"help": "write a checkpoint every K updates (0 = only at the end)"})
+
+    def __post_init__(self):        # derived sizes, computed once, right here
+        self.output_dir = self.output_dir or f"runs/{self.task}-seed{self.seed}"
+        if self.sft_oracle_prob < 0:
+            self.sft_oracle_prob = SFT_ORACLE_PROB[self.task]
+        self.batch_size = self.num_envs * self.num_steps                      # B
+        self.num_updates = max(self.total_steps // self.batch_size, 1)
+
+
+# The action of an SFT answer is the oracle's with this probability. NumberLine and Blackjack start
+# from random actions so RL has all the decision-making to learn; the points games need a policy that
+# sometimes finishes a formula, or RL never sees a positive reward (the paper's SFT start: 23% on EZPoints).
+SFT_ORACLE_PROB = {"numberline": 0.0, "ezpoints": 0.5, "points24": 0.5, "blackjack": 0.0}
+# §2 of the paper (RL4VLM facts). Steps per update: 512 (NumberLine, Blackjack) or 1024 (points games).
+PAPER_PRESET = dict(temperature=0.2, thought_coef=0.5, clip_coef=0.1, gamma=0.9, gae_lambda=0.95, update_epochs=4,
+                    max_grad_norm=0.01, learning_rate=1e-5, lora_rank=128, lora_alpha=256.0, lora_dropout=0.05,
+                    lora_targets="all-linear", minibatch_size=128, micro_batch_size=4, max_new_tokens=256,
+                    total_steps=15000, num_envs=4, ent_coef=0.0)
+
+
+def parse_args(argv=None):
+    parser = HfArgumentParser(Args)
+
+    def error(message):             # one line, exit 2: what was wrong and where to look
+        print(f"error: {message} (see python rl4vlm_min.py --help)", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = error
+    argv = sys.argv[1:] if argv is None else list(argv)
+    (args,) = parser.parse_args_into_dataclasses(argv)
+    if args.preset == "paper":      # the preset first, then any flag the user typed wins
+        given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+        steps = 1024 if args.task in ("ezpoints", "points24") else 512
+        for key, value in {**PAPER_PRESET, "num_steps": steps // PAPER_PRESET["num_envs"]}.items():
+            if key not in given:
+                setattr(args, key, value)
+        args.__post_init__()
+    checks = [(args.learning_rate > 0 and args.sft_lr > 0, "learning rates must be > 0"),
+              (args.clip_coef > 0, "--clip-coef must be > 0"), (args.update_epochs > 0, "--update-epochs must be > 0"),
+              (min(args.num_envs, args.num_steps, args.minibatch_size, args.micro_batch_size) > 0,
+               "--num-envs, --num-steps, --minibatch-size and --micro-batch-size must be > 0"),
+              (args.batch_size % args.minibatch_size == 0, f"--minibatch-size {args.minibatch_size} must divide the batch "
+               f"num_envs*num_steps = {args.batch_size}"),
+              (args.minibatch_size % args.micro_batch_size == 0, "--micro-batch-size must divide --minibatch-size"),
+              (args.temperature > 0, "--temperature must be > 0"), (0 <= args.thought_coef <= 1, "--thought-coef must be in [0, 1]"),
+              (0 <= args.sft_oracle_prob <= 1, "--sft-oracle-prob must be in [0, 1] (or -1 for the task default)"),
+              (args.lora_rank >= 0 and args.max_new_tokens > 0 and args.eval_episodes > 0 and args.sft_steps >= 0,
+               "--lora-rank, --sft-steps must be >= 0; --max-new-tokens, --eval-episodes > 0"),
+              (args.total_steps >= args.batch_size, f"--total-steps must be at least one batch ({args.batch_size})")]
+    for ok, message in checks:
+        if not ok:
+            error(message)
+    return args
+
+
+# ---- PROMPTS: one single-turn prompt per step; what is in the image stays out of the text ----
+GAME_RULES = {
+    "numberline": "You are playing NumberLine. The image shows a target number and a current number, both from 0 to 5. "
+                  "Each move changes the current number by one. Reach the target in as few moves as possible.",
+    "ezpoints": "You are playing EZPoints. The image shows two playing cards; J, Q and K count as 10. Write a formula "
+                "that uses the number of each card once and equals 12, one number or operator per move, then choose = .",
+    "points24": "You are playing Points24. The image shows four playing cards; A counts as 1 and J, Q and K as 10. "
+                "Write a formula that uses the number of each card once and equals 24, one token per move, then choose = .",
+    "blackjack": "You are playing Blackjack. The image shows the dealer's cards at the top, one face down, and your cards "
+                 "below. An ace counts 1 or 11 and J, Q and K count 10. Get closer to 21 than the dealer without going over.",
+}
+
+
+def build_prompt(task, info, action_names, cot):
+    """The user turn's text. Only the points games' formula is state given as text (it changes every step)."""
+    legal = ", ".join(f'"{a}"' for a in action_names)
+    text = f"{GAME_RULES[task]} Legal actions: {legal}."
+    if task in ("ezpoints", "points24"):
+        text += f' The formula so far: "{" ".join(info["Formula"])}".'
+    if cot:
+        return text + ' Answer in JSON, thoughts first: {"thoughts": "what you see and plan", "action": "a legal action"}'
+    return text + ' Answer in JSON with the action only: {"action": "a legal action"}'
+
+
+def chat_prompt(processor, text):
+    """The model's own chat template with one image and the text: never a template string of one family."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def thought_text(task, info):
+    """What the thoughts should read out of the image (the SFT target, and the read-out accuracy check)."""
+    if task == "numberline":
+        return f"current is {info['Current']}, target is {info['Target']}"
+    if task in ("ezpoints", "points24"):
+        return "numbers are " + ", ".join(str(n) for n in info["Numbers"])
+    return f"my total is {info['Player Total']}, dealer shows {info['Dealer Total']}"
+
+
+def answer_text(task, info, action_name, cot):
+    """A well-formed answer: thoughts first, action last (the paper's format)."""
+    if cot:
+        return f'{{"thoughts": "{thought_text(task, info)}", "action": "{action_name}"}}'
+    return f'{{"action": "{action_name}"}}'
+
+
+# ---- PARSER: text -> legal action (random legal action if none or several are named) ----
+ACTION_KEY = '"action":'
+
+
+def parse_action(text, action_names, rng=None):
+    """(index, parsed). Reads the text after the last "action": key (lower-cased). Exactly one legal action
+    named there, as a whole token ("10" never counts as "1"), gives parsed=True; else a uniformly random
+    legal action from `rng` and parsed=False. Never raises."""
+    text = str(text).lower()
+    start = text.rfind(ACTION_KEY)
+    if start >= 0:
+        tail = text[start + len(ACTION_KEY):]
+        named = [i for i, name in enumerate(action_names)
+                 if re.search(rf"(?<![0-9a-z]){re.escape(name.lower())}(?![0-9a-z])", tail)]
+        if len(named) == 1:
+            return named[0], True
+    rng = rng if rng is not None else np.random.default_rng()
+    return int(rng.integers(len(action_names))), False
+
+
+# ---- MODEL: the embedded tiny LLaVA, loading, LoRA, value head, and the one scoring function ----
+TINY_TEMPLATE = ("{% for m in messages %}{{ m['role'] | upper }}: {% for c in m['content'] %}"
+                 "{% if c['type'] == 'image' %}{{ '<image>\n' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+                 "{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+TINY_SPLIT = r" ?[A-Za-z]+| ?\d+|\s|[^\w\s]"      # word-level pieces; a leading space sticks to its word
+
+
+def tiny_corpus():
+    """Every text the tiny model must tokenize: all prompts, all answers, the chat template's words."""
+    texts = ["USER: ASSISTANT: \n", " ".join(str(i) for i in range(40))]
+    for task, cls in envs.TASKS.items():
+        env = cls()
+        for seed in range(300):
+            _, info = env.reset(seed=seed)
+            for _ in range(4):
+                for cot in (True, False):
+                    texts.append(build_prompt(task, info, cls.action_names, cot))
+                    texts += [answer_text(task, info, a, cot) for a in cls.action_names]
+                _, _, term, trunc, info = env.step(env.oracle())
+                if term or trunc:
+                    break
+    return "\n".join(texts)
+
+
+def build_tiny_model(path, seed):
+    """A 0.5M-parameter LLaVA (CLIP-style tower + Llama-style LM) with a word-level tokenizer, saved to `path`
+    with save_pretrained so that it is loaded back exactly like a real checkpoint. Same seed, same model."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+    words = sorted(set(re.findall(TINY_SPLIT, tiny_corpus())) | {chr(c) for c in range(32, 127)})
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(TINY_SPLIT), behavior="isolated")
+    tok.decoder = decoders.Fuse()           # decoding concatenates the pieces: text round-trips exactly
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        padding_side="left", extra_special_tokens={"image_token": "<image>"})
+    # White maps to 0 (mean 1, std 0.5): with CLIP's usual mean/std the white background dominates every
+    # patch and the tiny tower cannot tell the digits apart (measured while building this).
+    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
+                                                      image_mean=[1.0] * 3, image_std=[0.5] * 3)
+    processor = transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=16,
+                                            vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                            chat_template=TINY_TEMPLATE)
+    config = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                    num_attention_heads=4, image_size=64, patch_size=16),
+        text_config=transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=4, vocab_size=len(vocab),
+                                             max_position_embeddings=1024, pad_token_id=0, bos_token_id=2, eos_token_id=3),
+        image_token_id=vocab["<image>"], vision_feature_layer=-1, vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    model = transformers.LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 3
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def load_model(name, device, dtype):
+    """The same two Auto calls for the tiny model and for real checkpoints."""
+    if name != "tiny" and not os.path.isdir(name) and os.environ.get("HF_HUB_OFFLINE") == "1" and "/" not in name:
+        raise SystemExit(f"error: --model {name!r} is neither 'tiny', a local directory, nor a hub id (owner/name)")
+    try:
+        processor = AutoProcessor.from_pretrained(name)
+        vlm = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype).to(device)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot load --model {name!r} as an image-text-to-text model: {str(e).splitlines()[0]}")
+    if getattr(processor, "chat_template", None) is None:
+        raise SystemExit(f"error: --model {name!r} has no chat template; use a chat/instruct checkpoint")
+    processor.tokenizer.padding_side = "left"     # prompts are left-padded so that every answer starts at column P
+    return processor, vlm
+
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) * B A dropout(x). B starts at zero, so a fresh adapter changes nothing.
+    A and B are kept in fp32 so that small updates are not lost in bf16."""
+
+    def __init__(self, base, rank, alpha, dropout):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        self.lora_A = nn.Parameter(torch.randn(rank, base.in_features, device=base.weight.device) / math.sqrt(base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        delta = self.dropout(x).float() @ self.lora_A.T @ self.lora_B.T          # (..., out)
+        return self.base(x) + (self.scale * delta).to(x.dtype)
+
+    def merged(self):
+        """The base layer with B A folded into its weight (for saving a plain checkpoint)."""
+        with torch.no_grad():
+            self.base.weight += (self.scale * self.lora_B @ self.lora_A).to(self.base.weight.dtype)
+        return self.base
+
+
+def add_lora(vlm, rank, alpha, dropout, targets):
+    """Freeze the VLM and wrap the target linear layers with LoRA. 'language': the LM's q/k/v/o and MLP
+    projections; 'all-linear': every linear layer but the output head (LM, vision tower, projector: the paper)."""
+    vlm.requires_grad_(False)
+    head = vlm.get_output_embeddings()
+    names = [n for n, m in vlm.named_modules() if isinstance(m, nn.Linear) and m is not head and
+             (targets == "all-linear" or ("language_model" in n and n.split(".")[-1] in
+                                          ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))]
+    assert names, "no linear layer matched --lora-targets; this model family is not supported yet"
+    for name in names:
+        parent, child = vlm.get_submodule(name.rsplit(".", 1)[0]) if "." in name else vlm, name.rsplit(".", 1)[-1]
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout))
+    return len(names)
+
+
+def merge_lora(vlm):
+    for name, module in list(vlm.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent = vlm.get_submodule(name.rsplit(".", 1)[0]) if "." in name else vlm
+            setattr(parent, name.rsplit(".", 1)[-1], module.merged())
+
+
+class Policy(nn.Module):
+    """The VLM (actor) plus a value head (critic) on the final hidden state at the last prompt token (§1)."""
+
+    def __init__(self, vlm, processor, temperature, thought_coef):
+        super().__init__()
+        self.vlm, self.processor = vlm, processor
+        self.temperature, self.thought_coef = temperature, thought_coef
+        hidden = vlm.config.get_text_config().hidden_size
+        device = vlm.get_output_embeddings().weight.device
+        # the paper's MLP, kept in fp32 whatever the VLM's dtype
+        self.value_head = nn.Sequential(nn.Linear(hidden, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU(),
+                                        nn.Linear(512, 1)).to(device)
+        tok = processor.tokenizer
+        self.eos_id, self.pad_id = tok.eos_token_id, tok.pad_token_id
+        # the image token and padding can never be sampled; scoring masks them the same way
+        self.banned = sorted({t for t in (vlm.config.image_token_id if hasattr(vlm.config, "image_token_id") else None,
+                                          self.pad_id) if t is not None and t != self.eos_id})
+
+    def device(self):
+        return self.value_head[0].weight.device
+
+    def encode_prompts(self, frames, prompts):
+        """Frames + chat-rendered prompts -> a left-padded batch: input_ids (B, P), attention_mask (B, P), pixel_values..."""
+        batch = self.processor(images=list(frames), text=list(prompts), padding=True, return_tensors="pt")
+        return {k: v.to(self.device()) for k, v in batch.items()}
+
+    def generate(self, frames, prompts, greedy, max_new_tokens):
+        """One batched generate for all envs. Returns the answer token ids per env, each ending at EOS (included)."""
+        batch = self.encode_prompts(frames, prompts)
+        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0)
+        with torch.no_grad():
+            seqs = self.vlm.generate(**batch, **sampling, max_new_tokens=max_new_tokens, suppress_tokens=self.banned or None,
+                                     pad_token_id=self.pad_id, eos_token_id=self.eos_id)
+        answers = []
+        for row in seqs[:, batch["input_ids"].shape[1]:].tolist():             # (B, A) -> lists
+            answers.append(row[: row.index(self.eos_id) + 1] if self.eos_id in row else row)
+        return answers
+
+    def token_weights(self, answer_ids):
+        """lambda for thought tokens, 1 for action tokens: the action span starts at the token that holds the
+        first character of the last "action": key (character offsets of the decoded text, no token ids)."""
+        decode = lambda ids: self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+        start = decode(answer_ids).lower().rfind(ACTION_KEY)
+        weights = [self.thought_coef] * len(answer_ids)
+        if start < 0:
+            return weights              # no action key: the action was random, only thoughts were written
+        lo, hi = 0, len(answer_ids) - 1     # first token whose decoded prefix reaches past `start`
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if len(decode(answer_ids[: mid + 1])) <= start else (lo, mid)
+        return weights[:lo] + [1.0] * (len(answer_ids) - lo)
+
+    def score(self, frames, prompts, answers, weights, temperature=None):
+        """The one scoring function (rollout, PPO update and SFT): returns
+        logprob (B,) = sum_t w_t log softmax(logits_t / temperature)[answer_t], value (B,), entropy (B,)."""
+        temperature = temperature or self.temperature
+        batch = self.encode_prompts(frames, prompts)
+        P, A = batch["input_ids"].shape[1], max(len(a) for a in answers)
+        answer_ids = torch.full((len(answers), A), self.eos_id, dtype=torch.long)   # (B, A), right-padded
+        answer_mask = torch.zeros(len(answers), A, dtype=torch.long)            # (B, A), 1 on real answer tokens
+        w = torch.zeros(len(answers), A)                                        # (B, A), per-token weights
+        for i, (ids, ws) in enumerate(zip(answers, weights)):
+            answer_ids[i, : len(ids)], answer_mask[i, : len(ids)], w[i, : len(ws)] = torch.tensor(ids), 1, torch.tensor(ws)
+        answer_ids, answer_mask, w = answer_ids.to(self.device()), answer_mask.to(self.device()), w.to(self.device())
+        input_ids = torch.cat([batch.pop("input_ids"), answer_ids], 1)         # (B, T)
+        attention_mask = torch.cat([batch.pop("attention_mask"), answer_mask], 1)   # (B, T)
+        hidden = self.hidden_states(input_ids, attention_mask, batch)          # (B, T, H)
+        logits = self.vlm.get_output_embeddings()(hidden[:, P - 1: -1]).float() / temperature   # (B, A, V)
+        if self.banned:
+            logits[..., self.banned] = -torch.inf
+        logp = logits.log_softmax(-1)                                           # (B, A, V)
+        token_logp = logp.gather(-1, answer_ids[..., None])[..., 0]             # (B, A)
+        mask = answer_mask.float()
+        entropy = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)           # (B, A)
+        value = self.value_head(hidden[:, P - 1].float())[:, 0]                 # (B,)
+        return (token_logp * w).sum(-1), value, (entropy * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+    def hidden_states(self, input_ids, attention_mask, extra):
+        """The VLM trunk's final hidden states (B, T, H); positions count real tokens only, as generate() does."""
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)             # (B, T)
+        return self.vlm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              **extra).last_hidden_state
+
+    def value(self, frames, prompts):
+        """V(s) alone (for bootstrapping the last step of a rollout)."""
+        batch = self.encode_prompts(frames, prompts)
+        with torch.no_grad():
+            hidden = self.hidden_states(batch.pop("input_ids"), batch.pop("attention_mask"), batch)   # (B, P, H)
+            return self.value_head(hidden[:, -1].float())[:, 0]
+
+
+# ---- ROLLOUT: N envs step together; one batched generate per step ----
+@dataclass
+class Sample:
+    """One env step as the update needs it: scored again later with its own frame and prompt (§5's defect)."""
+    frame: np.ndarray               # (300, 300, 3) uint8
+    prompt: str                     # the chat-rendered prompt of this very step
+    answer: list                    # answer token ids, EOS included
+    weights: list                   # lambda on thought tokens, 1 on action tokens
+
+
+def act(policy, task, infos, frames, args, rng, greedy=False):
+    """Observe -> prompt -> one batched generate -> parse. Returns actions, parsed flags, prompts, answers, texts."""
+    names = envs.TASKS[task].action_names
+    prompts = [chat_prompt(policy.processor, build_prompt(task, info, names, args.cot)) for info in infos]
+    answers = policy.generate(frames, prompts, greedy, args.max_new_tokens)
+    texts = [policy.processor.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+    parsed = [parse_action(text, names, rng) for text in texts]
+    return [a for a, _ in parsed], [ok for _, ok in parsed], prompts, answers, texts
+
+
+def rollout(policy, vec, args, rng, episodes):
+    """S steps of N envs with the current policy (eval mode, no grad). `vec` holds the envs and their current
+    obs/infos across updates; finished episodes are appended to `episodes` as (summed reward, length)."""
+    S, N = args.num_steps, args.num_envs
+    logprobs, values, rewards, dones = (torch.zeros(S, N) for _ in range(4))     # (S, N) each
+    samples, counts, gallery = [], dict(parse_fail=0, readout_ok=0), []
+    policy.eval()                   # LoRA dropout off while sampling
+    for t in range(S):
+        actions, parsed, prompts, answers, texts = act(policy, args.task, vec["infos"], vec["obs"], args, rng)
+        weights = [policy.token_weights(a) for a in answers]
+        with torch.no_grad():
+            logprob, value, _ = policy.score(vec["obs"], prompts, answers, weights)
+        logprobs[t], values[t] = logprob.cpu(), value.cpu()
+        counts["parse_fail"] += parsed.count(False)
+        counts["readout_ok"] += sum(thought_text(args.task, info) in text for info, text in zip(vec["infos"], texts))
+        gallery.append(dict(info=vec["infos"][0], answer=texts[0], action=envs.TASKS[args.task].action_names[actions[0]],
+                            parsed=parsed[0]))
+        for i, env in enumerate(vec["envs"]):
+            samples.append(Sample(vec["obs"][i], prompts[i], answers[i], weights[i]))
+            obs, reward, terminated, truncated, info = env.step(actions[i])
+            rewards[t, i] = reward
+            vec["ep_return"][i] += reward
+            vec["ep_len"][i] += 1
+            if terminated or truncated:     # truncation is a loss under these games' rules: no bootstrap
+                dones[t, i] = 1.0
+                episodes.append((vec["ep_return"][i], vec["ep_len"][i]))
+                vec["ep_return"][i], vec["ep_len"][i] = 0.0, 0
+                obs, info = env.reset()     # the env's own generator continues: no reseeding
+            vec["obs"][i], vec["infos"][i] = obs, info
+    names = envs.TASKS[args.task].action_names
+    next_prompts = [chat_prompt(policy.processor, build_prompt(args.task, info, names, args.cot)) for info in vec["infos"]]
+    next_value = policy.value(vec["obs"], next_prompts).cpu()                 # (N,) bootstrap V(s_S)
+    return dict(samples=samples, logprobs=logprobs, values=values, rewards=rewards, dones=dones, next_value=next_value,
+                format_error_rate=counts["parse_fail"] / (S * N), readout_acc=counts["readout_ok"] / (S * N),
+                gallery=gallery[:3])
+
+
+# ---- GAE ----
+def compute_gae(rewards, values, dones, next_value, gamma, gae_lambda):
+    """Generalized advantage estimation. rewards, values, dones: (S, N); dones[t] = 1 when the episode ended
+    with step t (so step t+1 belongs to a new episode); next_value: (N,) = V(s_S). Returns advantages, returns."""
+    S = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)                                     # (S, N)
+    lastgaelam = torch.zeros_like(next_value)                                  # (N,)
+    for t in reversed(range(S)):
+        next_values = next_value if t == S - 1 else values[t + 1]
+        nonterminal = 1.0 - dones[t]
+        delta = rewards[t] + gamma * next_values * nonterminal - values[t]
+        lastgaelam = delta + gamma * gae_lambda * nonterminal * lastgaelam
+        advantages[t] = lastgaelam
+    return advantages, advantages + values
+
+
+# ---- PPO UPDATE: clipped surrogate, clipped value loss, minibatches with gradient accumulation ----
+def check_finite(name, tensor, where):
+    if not torch.isfinite(tensor).all():
+        raise FloatingPointError(f"{name} is NaN or inf at {where}: stopping (the last checkpoint is kept); "
+                                 "lower --learning-rate or raise --max-grad-norm clipping and resume")
+
+
+def ppo_update(policy, optimizer, data, advantages, returns, args, generator, update):
+    b_samples = data["samples"]                                                # B samples, t-major like .reshape(-1)
+    b_logprobs, b_values = data["logprobs"].reshape(-1), data["values"].reshape(-1)   # (B,)
+    b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)      # (B,)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    stats = dict(pg_loss=[], v_loss=[], entropy=[], approx_kl=[], clipfrac=[], grad_norm=[])
+    first_ratio = None
+    policy.train()
+    for epoch in range(args.update_epochs):
+        b_inds = torch.randperm(args.batch_size, generator=generator)
+        for start in range(0, args.batch_size, args.minibatch_size):
+            mb_inds = b_inds[start: start + args.minibatch_size]
+            mb_advantages = b_advantages[mb_inds]
+            mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)   # per-minibatch norm
+            optimizer.zero_grad()
+            for micro in range(0, args.minibatch_size, args.micro_batch_size):   # gradient accumulation
+                inds = mb_inds[micro: micro + args.micro_batch_size]
+                batch = [b_samples[i] for i in inds]
+                newlogprob, newvalue, entropy = policy.score([s.frame for s in batch], [s.prompt for s in batch],
+                                                            [s.answer for s in batch], [s.weights for s in batch])
+                newlogprob, newvalue, entropy = newlogprob.cpu(), newvalue.cpu(), entropy.cpu()
+                logratio = newlogprob - b_logprobs[inds]
+                ratio = logratio.exp()
+                if first_ratio is None:
+                    first_ratio = ratio.detach()      # == 1 by construction: same scoring path, same weights
+                with torch.no_grad():
+                    stats["approx_kl"].append(((ratio - 1) - logratio).mean().item())   # the k3 estimator
+                    stats["clipfrac"].append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
+                adv = mb_advantages[micro: micro + args.micro_batch_size]
+                pg_loss1 = -adv * ratio
+                pg_loss2 = -adv * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+                v_loss_unclipped = (newvalue - b_returns[inds]) ** 2
+                v_clipped = b_values[inds] + torch.clamp(newvalue - b_values[inds], -args.clip_coef, args.clip_coef)
+                v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - b_returns[inds]) ** 2).mean()
+                loss = pg_loss - args.ent_coef * entropy.mean() + args.vf_coef * v_loss
+                check_finite("the PPO loss", loss, f"update {update}, epoch {epoch}")
+                (loss * len(inds) / args.minibatch_size).backward()
+                for key, val in (("pg_loss", pg_loss), ("v_loss", v_loss), ("entropy", entropy.mean())):
+                    stats[key].append(val.item())
+            grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            check_finite("the gradient norm", grad_norm, f"update {update}, epoch {epoch}")
+            stats["grad_norm"].append(grad_norm.item())
+            optimizer.step()
+    y_pred, y_true = b_values.numpy(), b_returns.numpy()
+    var_y = np.var(y_true)
+    out = {k: float(np.mean(v)) for k, v in stats.items()}
+    out["explained_var"] = float("nan") if var_y == 0 else float(1 - np.var(y_true - y_pred) / var_y)
+    out["first_ratio_dev"] = float((first_ratio - 1).abs().max())
+    return out
+
+
+# ---- SFT WARM START: cross-entropy on answers written from the env oracle ----
+def sft_answers(task, env, rng, n, oracle_prob, cot, tokenizer):
+    """n (frame, info, answer ids) from random states (a reset, then 0-3 oracle moves). The thoughts read the state
+    out correctly; the action is the oracle's with probability `oracle_prob`, else uniformly random."""
+    names, out = env.action_names, []
+    for _ in range(n):
+        obs, info = env.reset(seed=int(rng.integers(2**31)))
+        for _ in range(int(rng.integers(4))):
+            next_obs, _, terminated, truncated, next_info = env.step(env.oracle())
+            if terminated or truncated:
+                break
+            obs, info = next_obs, next_info
+        action = env.oracle() if rng.random() < oracle_prob else int(rng.integers(len(names)))
+        ids = tokenizer(answer_text(task, info, names[action], cot), add_special_tokens=False).input_ids
+        out.append((obs, info, ids + [tokenizer.eos_token_id]))
+    return out
+
+
+def sft_warm_start(policy, args, rng):
+    env, tok = envs.TASKS[args.task](), policy.processor.tokenizer
+    params = [p for p in policy.vlm.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=args.sft_lr)
+    policy.train()
+    for step in range(1, args.sft_steps + 1):
+        data = sft_answers(args.task, env, rng, args.sft_batch_size, args.sft_oracle_prob, args.cot, tok)
+        prompts = [chat_prompt(policy.processor, build_prompt(args.task, info, env.action_names, args.cot)) for _, info, _ in data]
+        answers = [ids for _, _, ids in data]
+        logprob, _, _ = policy.score([f for f, _, _ in data], prompts, answers, [[1.0] * len(a) for a in answers], temperature=1.0)
+        loss = -logprob.sum() / sum(len(a) for a in answers)                   # mean cross-entropy per answer token
+        check_finite("the SFT loss", loss, f"SFT step {step}")
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if step % 50 == 0 or step == args.sft_steps:
+            print(f"sft step {step:4d}/{args.sft_steps} | loss {loss.item():.3f}", flush=True)
+
+
+# ---- EVALUATION: fixed seeds disjoint from training; success = summed reward > 0 (the paper's metric) ----
+EVAL_SEED = 10**6                   # eval episodes use seeds 10**6, 10**6 + 1, ...; training envs use seed * 1000 + i
+
+
+def evaluate(policy, args, greedy, rng):
+    """Success rate, mean return, format-error rate and read-out accuracy over args.eval_episodes episodes."""
+    seeds = list(range(EVAL_SEED, EVAL_SEED + args.eval_episodes))
+    returns, steps, fails, readouts = [], 0, 0, 0
+    policy.eval()
+    chunk = 4 * args.num_envs       # episodes played together in one batched generate
+    for lo in range(0, len(seeds), chunk):
+        group = [envs.TASKS[args.task]() for _ in seeds[lo: lo + chunk]]
+        state = [list(env.reset(seed=s)) + [0.0, False] for env, s in zip(group, seeds[lo: lo + chunk])]
+        while not all(done for *_, done in state):
+            live = [i for i, (*_, done) in enumerate(state) if not done]
+            actions, parsed, _, _, texts = act(policy, args.task, [state[i][1] for i in live], [state[i][0] for i in live],
+                                               args, rng, greedy)
+            for i, action, ok, text in zip(live, actions, parsed, texts):
+                steps, fails = steps + 1, fails + (not ok)
+                readouts += thought_text(args.task, state[i][1]) in text
+                obs, reward, terminated, truncated, info = group[i].step(action)
+                state[i] = [obs, info, state[i][2] + reward, terminated or truncated]
+        returns += [total for _, _, total, _ in state]
+    return dict(success=float(np.mean([r > 0 for r in returns])), mean_return=float(np.mean(returns)),
+                format_error_rate=fails / steps, readout_acc=readouts / steps)
+
+
+def baseline_success(task, episodes, kind, seed):
+    """The random and oracle policies on the same eval seeds."""
+    rng, wins = np.random.default_rng(seed), 0
+    for s in range(EVAL_SEED, EVAL_SEED + episodes):
+        env = envs.TASKS[task]()
+        env.reset(seed=s)
+        total, done = 0.0, False
+        while not done:
+            action = env.oracle() if kind == "oracle" else int(rng.integers(env.action_space.n))
+            _, reward, terminated, truncated, _ = env.step(action)
+            total, done = total + reward, terminated or truncated
+        wins += total > 0
+    return wins / episodes
+
+
+# ---- CHECKPOINTS: trainable weights and value head in safetensors, written to a temp dir then renamed ----
+def trainable_state(policy):
+    return {name: p.detach().contiguous().cpu() for name, p in policy.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(policy, optimizer, args, extra, rng):
+    from safetensors.torch import save_file
+    final = os.path.join(args.output_dir, "checkpoint")
+    tmp = tempfile.mkdtemp(prefix=".checkpoint-", dir=args.output_dir)
+    save_file(trainable_state(policy), os.path.join(tmp, "policy.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                "numpy_rng": rng.bit_generator.state, "python_rng": random.getstate()}, os.path.join(tmp, "state.pt"))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump({**extra, "args": dataclasses.asdict(args)}, f, indent=1)
+    if os.path.exists(final):       # swap in two renames: a crash in between leaves a whole checkpoint.old
+        os.replace(final, final + ".old")
+    os.replace(tmp, final)
+    if os.path.exists(final + ".old"):
+        import shutil
+        shutil.rmtree(final + ".old")
+
+
+def plot_curve(history, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([h["env_steps"] for h in history], [h["success"] for h in history], marker="o", ms=3)
+    ax.set(xlabel="env steps", ylabel="success (last 100 episodes)", title=title, ylim=(-0.02, 1.02))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---- TRAIN: SFT warm start, evaluate, PPO, evaluate again ----
+def train(args):
+    t0 = time.time()
+    random.seed(args.seed)                                 # the one seeding block
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)                           # weights of new layers, sampling in generate
+    rng = np.random.default_rng(args.seed)                 # parser fallback, SFT data, baselines
+    generator = torch.Generator().manual_seed(args.seed)   # minibatch shuffling
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "metrics.jsonl"), "w"):
+            pass
+    except OSError as e:
+        raise SystemExit(f"error: cannot write --output-dir {args.output_dir!r}: {e.strerror}; choose another directory")
+
+    model_path = build_tiny_model(os.path.join(args.output_dir, "tiny_model"), args.seed) if args.model == "tiny" else args.model
+    processor, vlm = load_model(model_path, device, dtype)
+    if args.lora_rank > 0:
+        n = add_lora(vlm, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+        print(f"LoRA rank {args.lora_rank} on {n} linear layers ({args.lora_targets})")
+    policy = Policy(vlm, processor, args.temperature, args.thought_coef)
+    n_params = sum(p.numel() for p in policy.parameters())
+    n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    env0 = envs.TASKS[args.task]()
+    obs0, info0 = env0.reset(seed=0)
+    prompt_len = policy.encode_prompts([obs0], [chat_prompt(processor, build_prompt(args.task, info0, env0.action_names, args.cot))])["input_ids"].shape[1]
+    print(f"task {args.task} | model {args.model} ({n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable) | "
+          f"{device} {dtype} | prompt {prompt_len} tokens | {args.num_updates} updates x {args.batch_size} steps", flush=True)
+
+    if args.sft_steps:
+        sft_warm_start(policy, args, rng)
+    before = {mode: evaluate(policy, args, mode == "greedy", rng) for mode in ("sampled", "greedy")}
+    baselines = {kind: baseline_success(args.task, args.eval_episodes, kind, args.seed) for kind in ("random", "oracle")}
+    print(f"before RL: success {before['sampled']['success']:.2f} sampled, {before['greedy']['success']:.2f} greedy | "
+          f"read-out {before['sampled']['readout_acc']:.2f} | random {baselines['random']:.2f} | oracle {baselines['oracle']:.2f}", flush=True)
+
+    # ---- the RL loop ----
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
+    vec = dict(envs=[envs.TASKS[args.task]() for _ in range(args.num_envs)], ep_return=[0.0] * args.num_envs,
+               ep_len=[0] * args.num_envs)
+    first = [env.reset(seed=args.seed * 1000 + i) for i, env in enumerate(vec["envs"])]
+    vec["obs"], vec["infos"] = [o for o, _ in first], [i for _, i in first]
+    episodes, history, env_steps = [], [], 0
+    for update in range(1, args.num_updates + 1):
+        t_update = time.time()
+        lr = 0.5 * args.learning_rate * (1 + math.cos(math.pi * (update - 1) / args.num_updates))   # cosine to 0
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        data = rollout(policy, vec, args, rng, episodes)
+        env_steps += args.batch_size
+        advantages, returns = compute_gae(data["rewards"], data["values"], data["dones"], data["next_value"],
+                                          args.gamma, args.gae_lambda)
+        stats = ppo_update(policy, optimizer, data, advantages, returns, args, generator, update)
+        recent = episodes[-100:]
+        row = dict(update=update, env_steps=env_steps, lr=lr, episodes=len(episodes),
+                   success=float(np.mean([r > 0 for r, _ in recent])) if recent else float("nan"),
+                   mean_return=float(np.mean([r for r, _ in recent])) if recent else float("nan"),
+                   format_error_rate=data["format_error_rate"], readout_acc=data["readout_acc"], **stats,
+                   steps_per_second=args.batch_size / (time.time() - t_update), samples=data["gallery"])
+        history.append(row)
+        with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"update {update:3d}/{args.num_updates} | steps {env_steps:6d} | success {row['success']:.2f} | "
+              f"return {row['mean_return']:+.2f} | fmt_err {row['format_error_rate']:.2f} | read {row['readout_acc']:.2f} | "
+              f"pg {stats['pg_loss']:+.3f} | v {stats['v_loss']:.3f} | kl {stats['approx_kl']:.4f} | "
+              f"clip {stats['clipfrac']:.2f} | ev {stats['explained_var']:+.2f} | {row['steps_per_second']:.0f} steps/s", flush=True)
+        print(f"    e.g. {data['gallery'][0]['answer']!r} -> {data['gallery'][0]['action']}", flush=True)
+        if args.save_every and update % args.save_every == 0:
+            save_checkpoint(policy, optimizer, args, dict(update=update, env_steps=env_steps), rng)
+
+    after = {mode: evaluate(policy, args, mode == "greedy", rng) for mode in ("sampled", "greedy")}
+    save_checkpoint(policy, optimizer, args, dict(update=args.num_updates, env_steps=env_steps), rng)
+    plot_curve(history, os.path.join(args.output_dir, "learning_curve.png"), f"{args.task}: PPO after SFT")
+    summary = dict(task=args.task, model=args.model, seed=args.seed,
+                   eval_success_before_rl=before["sampled"]["success"], eval_success_after_rl=after["sampled"]["success"],
+                   eval_greedy_success_before_rl=before["greedy"]["success"], eval_greedy_success_after_rl=after["greedy"]["success"],
+                   random_success=baselines["random"], oracle_success=baselines["oracle"], env_steps=env_steps,
+                   wall_seconds=time.time() - t0, before=before, after=after)
+    with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"\n{'eval success (' + str(args.eval_episodes) + ' episodes)':34s} {'before RL':>10s} {'after RL':>10s}")
+    for mode in ("sampled", "greedy"):
+        print(f"{'  ' + mode + (' (T=' + str(args.temperature) + ')' if mode == 'sampled' else ''):34s} "
+              f"{before[mode]['success']:10.2f} {after[mode]['success']:10.2f}")
+    print(f"{'  read-out accuracy (sampled)':34s} {before['sampled']['readout_acc']:10.2f} {after['sampled']['readout_acc']:10.2f}")
+    print(f"{'  random policy / oracle':34s} {baselines['random']:10.2f} {baselines['oracle']:10.2f}")
+    print(f"{env_steps} env steps in {summary['wall_seconds']:.0f} s; outputs in {args.output_dir}/")
+    return summary
+
+
+# ---- MAIN ----
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()
