@@ -88,9 +88,10 @@ class Args:
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input while training (off when sampling)"})
     lora_targets: Literal["language", "all-linear"] = field(default="language", metadata={"help": "LoRA on the LM's attention+MLP projections, or on every linear layer (the paper)"})
     # SFT warm start
-    sft_steps: int = field(default=300, metadata={"help": "supervised warm-start steps before RL (0 = none)"})
+    sft_steps: int = field(default=250, metadata={"help": "supervised warm-start steps before RL (0 = none)"})
     sft_batch_size: int = field(default=32, metadata={"help": "answers per SFT step"})
     sft_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the SFT warm start"})
+    sft_readout_steps: int = field(default=150, metadata={"help": "first SFT steps train the read-out alone (answers hold only the thoughts): the tiny model learns to see first"})
     sft_oracle_prob: float = field(default=-1.0, metadata={"help": "chance that an SFT answer's action is the oracle's (else uniform random); -1 = the task's default"})
     # evaluation and output
     eval_episodes: int = field(default=200, metadata={"help": "episodes per evaluation, on fixed seeds disjoint from training"})
@@ -101,7 +102,7 @@ class Args:
         if self.sft_oracle_prob < 0:
             self.sft_oracle_prob = SFT_ORACLE_PROB[self.task]
         self.batch_size = self.num_envs * self.num_steps                      # B
-        self.num_updates = max(self.total_steps // self.batch_size, 1)
+        self.num_updates = max(self.total_steps // max(self.batch_size, 1), 1)   # (bad sizes are reported in parse_args)
 
 
 # The action of an SFT answer is the oracle's with this probability. NumberLine and Blackjack start
@@ -558,7 +559,7 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
 
 
 # ---- SFT WARM START: cross-entropy on answers written from the env oracle ----
-def sft_answers(task, env, rng, n, oracle_prob, cot, tokenizer):
+def sft_answers(task, env, rng, n, oracle_prob, cot, tokenizer, readout_only=False):
     """n (frame, info, answer ids) from random states (a reset, then 0-3 oracle moves). The thoughts read the state
     out correctly; the action is the oracle's with probability `oracle_prob`, else uniformly random."""
     names, out = env.action_names, []
@@ -570,7 +571,8 @@ def sft_answers(task, env, rng, n, oracle_prob, cot, tokenizer):
                 break
             obs, info = next_obs, next_info
         action = env.oracle() if rng.random() < oracle_prob else int(rng.integers(len(names)))
-        ids = tokenizer(answer_text(task, info, names[action], cot), add_special_tokens=False).input_ids
+        text = thought_text(task, info) if readout_only else answer_text(task, info, names[action], cot)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
         out.append((obs, info, ids + [tokenizer.eos_token_id]))
     return out
 
@@ -581,7 +583,8 @@ def sft_warm_start(policy, args, rng):
     optimizer = torch.optim.Adam(params, lr=args.sft_lr)
     policy.train()
     for step in range(1, args.sft_steps + 1):
-        data = sft_answers(args.task, env, rng, args.sft_batch_size, args.sft_oracle_prob, args.cot, tok)
+        data = sft_answers(args.task, env, rng, args.sft_batch_size, args.sft_oracle_prob, args.cot, tok,
+                           readout_only=step <= args.sft_readout_steps)
         prompts = [chat_prompt(policy.processor, build_prompt(args.task, info, env.action_names, args.cot)) for _, info, _ in data]
         answers = [ids for _, _, ids in data]
         logprob, _, _ = policy.score([f for f, _, _ in data], prompts, answers, [[1.0] * len(a) for a in answers], temperature=1.0)

@@ -224,3 +224,245 @@ def test_oracle_and_random_success(cls, oracle_min, random_max):
     oracle = np.mean([run_episode(env, s, lambda e: e.oracle()) > 0 for s in range(300)])
     rand = np.mean([run_episode(env, s, lambda e: int(rng.integers(e.action_space.n))) > 0 for s in range(300)])
     assert oracle >= oracle_min and rand <= random_max and oracle > rand, (oracle, rand)
+
+
+# ---- THE LOOP: parser, GAE, scoring, LoRA, PPO invariants ----
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+import rl4vlm_min as R
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.parametrize("text,names,expected", [
+    ('{"thoughts": "current is 1, target is 3", "action": "+"}', NumberLine.action_names, 1),
+    ('{"thoughts": "x", "action": "-"}', NumberLine.action_names, 0),
+    ('{"THOUGHTS": "x", "ACTION": "HIT"}', Blackjack.action_names, 1),                 # case does not matter
+    ('{"action": "10"}', EZPoints.action_names, 9),                                     # "10" is not "1"
+    ('{"action": "1"}', EZPoints.action_names, 0),
+    ('{"action": "*"}', EZPoints.action_names, 11),
+    ('"action": "+" then later "action": "stand"', Blackjack.action_names, 0),          # the last key counts
+    ('{"thoughts": "hit or stand?", "action": "stand"}', Blackjack.action_names, 0),   # thoughts are ignored
+])
+def test_parser_table(text, names, expected):
+    assert R.parse_action(text, names, np.random.default_rng(0)) == (expected, True)
+
+
+@pytest.mark.parametrize("text,names", [
+    ('{"thoughts": "move +"}', NumberLine.action_names),         # no action key
+    ('{"action": "+ or -"}', NumberLine.action_names),           # two actions
+    ('{"action": "11"}', EZPoints.action_names),                 # no legal action
+    ("", Blackjack.action_names), ("\x00\ud800 junk", Points24.action_names)])
+def test_parser_fallback_is_random_and_counted(text, names):
+    picks = {R.parse_action(text, names, np.random.default_rng(s)) for s in range(300)}
+    assert all(ok is False for _, ok in picks) and {i for i, _ in picks} == set(range(len(names)))
+
+
+def test_parser_never_raises_on_random_strings():
+    rng = np.random.default_rng(0)
+    alphabet = list('"action:{}, +-*/()=0123456789 standhit\n\\') + ["\u00e9", "\u2603", '"action":']
+    for _ in range(10_000):
+        text = "".join(rng.choice(alphabet, size=int(rng.integers(0, 40))))
+        for names in (NumberLine.action_names, Points24.action_names):
+            index, ok = R.parse_action(text, names, rng)
+            assert 0 <= index < len(names) and isinstance(ok, bool)
+
+
+def test_gae_hand_worked():
+    # one env, 3 steps, the episode ends after step 1 (index 1); gamma 0.5, lambda 0.5
+    rewards = torch.tensor([[1.0], [2.0], [3.0]])
+    values = torch.tensor([[0.5], [1.0], [2.0]])
+    dones = torch.tensor([[0.0], [1.0], [0.0]])
+    adv, ret = R.compute_gae(rewards, values, dones, torch.tensor([4.0]), gamma=0.5, gae_lambda=0.5)
+    d2 = 3 + 0.5 * 4 - 2                  # 3.0, bootstrapped from next_value
+    d1 = 2 - 1                            # 1.0, no bootstrap across the episode end
+    d0 = 1 + 0.5 * 1.0 - 0.5              # 1.0
+    a1 = d1                               # the trace is cut at the done
+    a0 = d0 + 0.25 * a1                   # 1.25
+    assert torch.allclose(adv[:, 0], torch.tensor([a0, a1, d2]))
+    assert torch.allclose(ret, adv + values)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = R.build_tiny_model(str(tmp_path_factory.mktemp("tiny")), seed=0)
+    processor, vlm = R.load_model(path, torch.device("cpu"), torch.float32)
+    return path, processor, vlm
+
+
+def fresh_policy(tiny, thought_coef=0.5, temperature=1.0):
+    path, _, _ = tiny
+    processor, vlm = R.load_model(path, torch.device("cpu"), torch.float32)
+    torch.manual_seed(0)
+    return R.Policy(vlm, processor, temperature, thought_coef)
+
+
+def prompts_of(policy, task, infos, cot=True):
+    names = envs.TASKS[task].action_names
+    return [R.chat_prompt(policy.processor, R.build_prompt(task, info, names, cot)) for info in infos]
+
+
+def test_tiny_model_is_deterministic_and_round_trips(tiny, tmp_path):
+    path, processor, vlm = tiny
+    again = R.build_tiny_model(str(tmp_path), seed=0)
+    _, vlm2 = R.load_model(again, torch.device("cpu"), torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(vlm.state_dict().values(), vlm2.state_dict().values()))
+    text = '{"thoughts": "numbers are 10, 2", "action": "+"}'
+    assert processor.tokenizer.decode(processor.tokenizer(text, add_special_tokens=False).input_ids) == text
+
+
+def test_prompt_keeps_image_state_out_of_text():
+    nl = R.build_prompt("numberline", {"Target": 4, "Current": 1}, NumberLine.action_names, True)
+    assert "4" not in nl and "1" not in nl and '"-", "+"' in nl and nl.index("thoughts") < nl.index('"action"')
+    ez = R.build_prompt("ezpoints", {"Cards": ["7H", "5S"], "Numbers": [7, 5], "Formula": ["7", "+"]}, EZPoints.action_names, False)
+    assert '"7 +"' in ez and "5S" not in ez and "thoughts" not in ez
+    bj = R.build_prompt("blackjack", {"Player Card": ["9H", "8S"], "Player Total": 17, "Dealer Card": ["KD"], "Dealer Total": 10},
+                        Blackjack.action_names, True)
+    assert "17" not in bj and "KD" not in bj
+
+
+def test_lambda_split_on_handmade_answer(tiny):
+    policy = fresh_policy(tiny, thought_coef=0.0)
+    tok = policy.processor.tokenizer
+    thought, action = '{"thoughts": "current is 1, target is 3", ', '"action": "+"}'
+    ids = tok(thought + action, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    n_thought = len(tok(thought, add_special_tokens=False).input_ids)
+    weights = policy.token_weights(ids)
+    assert weights == [0.0] * n_thought + [1.0] * (len(ids) - n_thought)
+    # lambda = 0 counts only the action tokens: equal to the sum of those tokens' log-probs
+    env = NumberLine()
+    obs, info = env.reset(seed=0)
+    with torch.no_grad():
+        lp0, _, _ = policy.score([obs], prompts_of(policy, "numberline", [info]), [ids], [weights])
+        lp_all, _, _ = policy.score([obs], prompts_of(policy, "numberline", [info]), [ids], [[1.0] * len(ids)])
+        lp_thought, _, _ = policy.score([obs], prompts_of(policy, "numberline", [info]), [ids], [[1.0 - w for w in weights]])
+    assert torch.allclose(lp0 + lp_thought, lp_all, atol=1e-5) and lp0 > lp_all
+
+
+def test_lora_starts_as_identity_and_merges(tiny):
+    policy = fresh_policy(tiny)
+    env = EZPoints()
+    obs, info = env.reset(seed=0)
+    batch = policy.encode_prompts([obs], prompts_of(policy, "ezpoints", [info]))
+    with torch.no_grad():
+        before = policy.vlm(**batch).logits
+        n = R.add_lora(policy.vlm, rank=4, alpha=8, dropout=0.0, targets="language")
+        assert n == 14                          # 2 layers x (q, k, v, o, gate, up, down)
+        assert torch.equal(policy.vlm(**batch).logits, before)
+        trainable = [name for name, p in policy.vlm.named_parameters() if p.requires_grad]
+        assert trainable and all("lora_" in name for name in trainable)
+        for name, p in policy.vlm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+        adapted = policy.vlm(**batch).logits
+        assert not torch.allclose(adapted, before, atol=1e-4)
+        R.merge_lora(policy.vlm)
+        assert not any(isinstance(m, R.LoRALinear) for m in policy.vlm.modules())
+        assert torch.allclose(policy.vlm(**batch).logits, adapted, atol=1e-4)
+
+
+def test_scored_logprobs_match_generate_on_left_padded_batch(tiny):
+    policy = fresh_policy(tiny, temperature=0.7)
+    env = Points24()
+    frames, infos = [], []
+    for seed, n_tokens in ((0, 0), (1, 5)):     # different formula lengths -> different prompt lengths -> left padding
+        obs, info = env.reset(seed=seed)
+        for _ in range(n_tokens):
+            obs, _, _, _, info = env.step(10)      # "+" is always appended
+        frames.append(obs)
+        infos.append(info)
+    prompts = prompts_of(policy, "points24", infos)
+    batch = policy.encode_prompts(frames, prompts)
+    assert (batch["attention_mask"] == 0).any()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = policy.vlm.generate(**batch, do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=12,
+                                  suppress_tokens=policy.banned, pad_token_id=policy.pad_id, eos_token_id=policy.eos_id,
+                                  output_scores=True, return_dict_in_generate=True)
+    P = batch["input_ids"].shape[1]
+    answers, reported = [], []
+    for b in range(2):
+        ids = out.sequences[b, P:].tolist()
+        ids = ids[: ids.index(policy.eos_id) + 1] if policy.eos_id in ids else ids
+        answers.append(ids)
+        reported.append(sum(out.scores[t][b].log_softmax(-1)[tok].item() for t, tok in enumerate(ids)))
+    with torch.no_grad():
+        scored, _, _ = policy.score(frames, prompts, answers, [[1.0] * len(a) for a in answers])
+    assert torch.allclose(scored, torch.tensor(reported), atol=1e-3), (scored, reported)
+
+
+def small_args(tmp, *extra):
+    return R.parse_args(["--num-envs", "4", "--num-steps", "4", "--minibatch-size", "8", "--micro-batch-size", "4",
+                         "--total-steps", "16", "--sft-steps", "2", "--eval-episodes", "4", "--output-dir", str(tmp), *extra])
+
+
+def test_ratio_is_one_on_first_minibatch(tiny, tmp_path):
+    args = small_args(tmp_path, "--update-epochs", "1", "--minibatch-size", "16", "--micro-batch-size", "16")
+    policy = fresh_policy(tiny)
+    rng = np.random.default_rng(0)
+    vec = dict(envs=[NumberLine() for _ in range(4)], ep_return=[0.0] * 4, ep_len=[0] * 4)
+    first = [env.reset(seed=i) for i, env in enumerate(vec["envs"])]
+    vec["obs"], vec["infos"] = [o for o, _ in first], [i for _, i in first]
+    data = R.rollout(policy, vec, args, rng, [])
+    adv, ret = R.compute_gae(data["rewards"], data["values"], data["dones"], data["next_value"], 0.9, 0.95)
+    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
+    stats = R.ppo_update(policy, optimizer, data, adv, ret, args, torch.Generator().manual_seed(0), update=1)
+    assert stats["first_ratio_dev"] < 1e-4 and abs(stats["approx_kl"]) < 1e-7 and stats["clipfrac"] == 0
+
+
+def test_entropy_bonus_changes_the_gradient(tiny):
+    policy = fresh_policy(tiny)
+    env = NumberLine()
+    obs, info = env.reset(seed=0)
+    ids = policy.generate([obs], prompts_of(policy, "numberline", [info]), False, 10)
+    grads = []
+    for ent_coef in (0.0, 1.0):
+        policy.zero_grad()
+        logprob, value, entropy = policy.score([obs], prompts_of(policy, "numberline", [info]), ids, [[1.0] * len(ids[0])])
+        (logprob.sum() * 0 - ent_coef * entropy.mean()).backward()
+        grads.append(policy.vlm.get_output_embeddings().weight.grad.abs().sum().item())
+    assert grads[0] == 0 and grads[1] > 0
+
+
+# ---- THE CLI ----
+def run_cli(*argv, timeout=600):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, os.path.join(HERE, "rl4vlm_min.py"), *argv], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=HERE)
+
+
+TINY_RUN = ["--num-envs", "4", "--num-steps", "4", "--minibatch-size", "8", "--micro-batch-size", "4", "--total-steps", "32",
+            "--sft-steps", "3", "--eval-episodes", "4", "--max-new-tokens", "24"]
+
+
+def test_cli_end_to_end_and_deterministic(tmp_path):
+    runs = []
+    for k in range(2):
+        out = tmp_path / f"run{k}"
+        proc = run_cli("--task", "ezpoints", *TINY_RUN, "--output-dir", str(out))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "before RL" in proc.stdout and "after RL" in proc.stdout
+        summary = json.loads((out / "summary.json").read_text())
+        for key in ("eval_success_before_rl", "eval_success_after_rl", "eval_greedy_success_before_rl",
+                    "eval_greedy_success_after_rl", "random_success", "oracle_success"):
+            assert 0.0 <= summary[key] <= 1.0, key
+        assert summary["env_steps"] == 32
+        for name in ("metrics.jsonl", "learning_curve.png", "checkpoint/policy.safetensors", "checkpoint/state.pt"):
+            assert (out / name).exists(), name
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == 2
+        runs.append(([{k: v for k, v in r.items() if k != "steps_per_second"} for r in rows],
+                     {k: v for k, v in summary.items() if k != "wall_seconds"}))
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("argv,message", [(["--task", "chess"], "task"), (["--learning-rate", "-1"], "learning rate"),
+                                          (["--num-steps", "0"], "num-steps"), (["--minibatch-size", "48"], "divide")])
+def test_cli_bad_values_exit_2_with_one_line(argv, message):
+    proc = run_cli(*argv, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
