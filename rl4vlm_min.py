@@ -21,7 +21,7 @@ Deviations from the paper, each on purpose:
   LM, word-level tokenizer), so the whole loop runs on a laptop CPU in minutes. Its SFT data uses
   random actions (--sft-oracle-prob 0 for NumberLine) so that SFT teaches it to see and to answer in
   format, and RL teaches it to act; the paper's SFT data has the oracle's actions.
-- Tiny-model defaults differ from the paper's (sampling temperature 1, lr 1e-4, clip 0.2, grad-norm
+- Tiny-model defaults differ from the paper's (sampling temperature 0.5, lr 1e-4, clip 0.2, grad-norm
   0.5, 16 envs x 8 steps, full fine-tuning instead of LoRA); `--preset paper` restores §2 of the
   paper's settings. The logic (lambda split, GAE, clipped PPO) is the same either way.
 - Truncation (NumberLine's 10-move limit, the points games' formula cap) ends the episode like a
@@ -67,7 +67,7 @@ class Args:
     num_envs: int = field(default=16, metadata={"help": "N: envs stepped together with one batched generate"})
     num_steps: int = field(default=8, metadata={"help": "S: steps per env per PPO update (batch = N * S)"})
     total_steps: int = field(default=3072, metadata={"help": "env steps of RL in total"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature; logits are divided by it when scoring too"})
+    temperature: float = field(default=0.5, metadata={"help": "sampling temperature; logits are divided by it when scoring too"})
     max_new_tokens: int = field(default=48, metadata={"help": "longest answer the model may write"})
     cot: bool = field(default=True, metadata={"help": "ask for thoughts before the action (--no-cot: the action only)"})
     thought_coef: float = field(default=0.5, metadata={"help": "lambda: weight of the thought tokens' log-prob (action tokens weigh 1)"})
@@ -694,9 +694,6 @@ def train(args):
 
     model_path = build_tiny_model(os.path.join(args.output_dir, "tiny_model"), args.seed) if args.model == "tiny" else args.model
     processor, vlm = load_model(model_path, device, dtype)
-    if args.lora_rank > 0:
-        n = add_lora(vlm, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
-        print(f"LoRA rank {args.lora_rank} on {n} linear layers ({args.lora_targets})")
     policy = Policy(vlm, processor, args.temperature, args.thought_coef)
     n_params = sum(p.numel() for p in policy.parameters())
     n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
@@ -706,8 +703,12 @@ def train(args):
     print(f"task {args.task} | model {args.model} ({n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable) | "
           f"{device} {dtype} | prompt {prompt_len} tokens | {args.num_updates} updates x {args.batch_size} steps", flush=True)
 
-    if args.sft_steps:
+    if args.sft_steps:             # the paper's SFT is a full fine-tune; RL then trains LoRA adapters on top
         sft_warm_start(policy, args, rng)
+    if args.lora_rank > 0:
+        n = add_lora(vlm, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+        print(f"RL trains LoRA rank {args.lora_rank} on {n} linear layers ({args.lora_targets}) and the value head: "
+              f"{sum(p.numel() for p in policy.parameters() if p.requires_grad) / 1e6:.2f}M parameters", flush=True)
     before = {mode: evaluate(policy, args, mode == "greedy", rng) for mode in ("sampled", "greedy")}
     baselines = {kind: baseline_success(args.task, args.eval_episodes, kind, args.seed) for kind in ("random", "oracle")}
     print(f"before RL: success {before['sampled']['success']:.2f} sampled, {before['greedy']['success']:.2f} greedy | "
