@@ -116,12 +116,17 @@ PAPER_PRESET = dict(temperature=0.2, thought_coef=0.5, clip_coef=0.1, gamma=0.9,
                     total_steps=15000, num_envs=4, ent_coef=0.0)
 
 
+def fail(message):
+    """Bad input: one line that says what to do, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def parse_args(argv=None):
     parser = HfArgumentParser(Args)
 
-    def error(message):             # one line, exit 2: what was wrong and where to look
-        print(f"error: {message} (see python rl4vlm_min.py --help)", file=sys.stderr)
-        sys.exit(2)
+    def error(message):
+        fail(f"{message} (see python rl4vlm_min.py --help)")
 
     parser.error = error
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -278,15 +283,14 @@ def build_tiny_model(path, seed):
 
 def load_model(name, device, dtype):
     """The same two Auto calls for the tiny model and for real checkpoints."""
-    if name != "tiny" and not os.path.isdir(name) and os.environ.get("HF_HUB_OFFLINE") == "1" and "/" not in name:
-        raise SystemExit(f"error: --model {name!r} is neither 'tiny', a local directory, nor a hub id (owner/name)")
     try:
         processor = AutoProcessor.from_pretrained(name)
         vlm = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype).to(device)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot load --model {name!r} as an image-text-to-text model: {str(e).splitlines()[0]}")
+        fail(f"cannot load --model {name!r} as an image-text-to-text model ({str(e).splitlines()[0][:200]}); "
+             "pass 'tiny', a local checkpoint directory or a Hugging Face id")
     if getattr(processor, "chat_template", None) is None:
-        raise SystemExit(f"error: --model {name!r} has no chat template; use a chat/instruct checkpoint")
+        fail(f"--model {name!r} has no chat template; use a chat/instruct checkpoint or add one to its processor")
     processor.tokenizer.padding_side = "left"     # prompts are left-padded so that every answer starts at column P
     return processor, vlm
 
@@ -594,8 +598,12 @@ def sft_warm_start(policy, args, rng):
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        if step % 50 == 0 or step == args.sft_steps:
-            print(f"sft step {step:4d}/{args.sft_steps} | loss {loss.item():.3f}", flush=True)
+        if step % 50 == 0 or step == args.sft_steps:       # read-out accuracy: can the model see yet?
+            texts = [tok.decode(a, skip_special_tokens=True) for a in
+                     policy.generate([f for f, _, _ in data[:16]], prompts[:16], True, args.max_new_tokens)]
+            readout = np.mean([thought_text(args.task, info) in t for (_, info, _), t in zip(data, texts)])
+            print(f"sft step {step:4d}/{args.sft_steps} | loss {loss.item():.3f} | read-out (greedy) {readout:.2f}", flush=True)
+            policy.train()
 
 
 # ---- EVALUATION: fixed seeds disjoint from training; success = summed reward > 0 (the paper's metric) ----
@@ -662,6 +670,15 @@ def save_checkpoint(policy, optimizer, args, extra, rng):
         shutil.rmtree(final + ".old")
 
 
+def save_final_model(policy, path):
+    """LoRA merged into the weights, saved as a plain checkpoint (loadable with --model path) + the value head."""
+    from safetensors.torch import save_file
+    merge_lora(policy.vlm)
+    policy.vlm.save_pretrained(path)
+    policy.processor.save_pretrained(path)
+    save_file({k: v.contiguous() for k, v in policy.value_head.state_dict().items()}, os.path.join(path, "value_head.safetensors"))
+
+
 def plot_curve(history, path, title):
     import matplotlib
     matplotlib.use("Agg")
@@ -676,8 +693,8 @@ def plot_curve(history, path, title):
 
 
 # ---- TRAIN: SFT warm start, evaluate, PPO, evaluate again ----
-def train(args):
-    t0 = time.time()
+def setup(args):
+    """Seeds, device, output dir, model and policy. Returns policy, rng (numpy), generator (torch)."""
     random.seed(args.seed)                                 # the one seeding block
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)                           # weights of new layers, sampling in generate
@@ -690,33 +707,32 @@ def train(args):
         with open(os.path.join(args.output_dir, "metrics.jsonl"), "w"):
             pass
     except OSError as e:
-        raise SystemExit(f"error: cannot write --output-dir {args.output_dir!r}: {e.strerror}; choose another directory")
-
+        fail(f"cannot write --output-dir {args.output_dir!r} ({e.strerror}); choose a writable directory")
     model_path = build_tiny_model(os.path.join(args.output_dir, "tiny_model"), args.seed) if args.model == "tiny" else args.model
     processor, vlm = load_model(model_path, device, dtype)
     policy = Policy(vlm, processor, args.temperature, args.thought_coef)
     n_params = sum(p.numel() for p in policy.parameters())
-    n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     env0 = envs.TASKS[args.task]()
     obs0, info0 = env0.reset(seed=0)
-    prompt_len = policy.encode_prompts([obs0], [chat_prompt(processor, build_prompt(args.task, info0, env0.action_names, args.cot))])["input_ids"].shape[1]
-    print(f"task {args.task} | model {args.model} ({n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable) | "
-          f"{device} {dtype} | prompt {prompt_len} tokens | {args.num_updates} updates x {args.batch_size} steps", flush=True)
+    prompt = chat_prompt(processor, build_prompt(args.task, info0, env0.action_names, args.cot))
+    prompt_len = policy.encode_prompts([obs0], [prompt])["input_ids"].shape[1]
+    print(f"task {args.task} | model {args.model} ({n_params / 1e6:.2f}M params) | {device} {dtype} | "
+          f"prompt {prompt_len} tokens | {args.num_updates} updates x {args.batch_size} steps", flush=True)
+    return policy, rng, generator
 
-    if args.sft_steps:             # the paper's SFT is a full fine-tune; RL then trains LoRA adapters on top
-        sft_warm_start(policy, args, rng)
+
+def start_rl(policy, args):
+    """The paper's SFT is a full fine-tune; RL then trains LoRA adapters on top (if --lora-rank > 0)."""
     if args.lora_rank > 0:
-        n = add_lora(vlm, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
-        print(f"RL trains LoRA rank {args.lora_rank} on {n} linear layers ({args.lora_targets}) and the value head: "
-              f"{sum(p.numel() for p in policy.parameters() if p.requires_grad) / 1e6:.2f}M parameters", flush=True)
-    before = {mode: evaluate(policy, args, mode == "greedy", rng) for mode in ("sampled", "greedy")}
-    baselines = {kind: baseline_success(args.task, args.eval_episodes, kind, args.seed) for kind in ("random", "oracle")}
-    print(f"before RL: success {before['sampled']['success']:.2f} sampled, {before['greedy']['success']:.2f} greedy | "
-          f"read-out {before['sampled']['readout_acc']:.2f} | random {baselines['random']:.2f} | oracle {baselines['oracle']:.2f}", flush=True)
-
-    # ---- the RL loop ----
+        n = add_lora(policy.vlm, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+        print(f"RL trains LoRA rank {args.lora_rank} on {n} linear layers ({args.lora_targets}) and the value head", flush=True)
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
+    print(f"RL trains {sum(p.numel() for p in params) / 1e6:.2f}M parameters", flush=True)
+    return torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
+
+
+def ppo_loop(policy, optimizer, args, rng, generator):
+    """args.num_updates x (rollout, GAE, PPO update). Returns the per-update metrics (also in metrics.jsonl)."""
     vec = dict(envs=[envs.TASKS[args.task]() for _ in range(args.num_envs)], ep_return=[0.0] * args.num_envs,
                ep_len=[0] * args.num_envs)
     first = [env.reset(seed=args.seed * 1000 + i) for i, env in enumerate(vec["envs"])]
@@ -748,10 +764,34 @@ def train(args):
         print(f"    e.g. {data['gallery'][0]['answer']!r} -> {data['gallery'][0]['action']}", flush=True)
         if args.save_every and update % args.save_every == 0:
             save_checkpoint(policy, optimizer, args, dict(update=update, env_steps=env_steps), rng)
+    return history
 
+
+def print_table(args, before, after, baselines):
+    print(f"\n{'eval success (' + str(args.eval_episodes) + ' episodes)':34s} {'before RL':>10s} {'after RL':>10s}")
+    for mode in ("sampled", "greedy"):
+        label = f"  sampled (T={args.temperature})" if mode == "sampled" else "  greedy"
+        print(f"{label:34s} {before[mode]['success']:10.2f} {after[mode]['success']:10.2f}")
+    print(f"{'  read-out accuracy (sampled)':34s} {before['sampled']['readout_acc']:10.2f} {after['sampled']['readout_acc']:10.2f}")
+    print(f"{'  random policy / oracle':34s} {baselines['random']:10.2f} {baselines['oracle']:10.2f}")
+
+
+def train(args):
+    t0 = time.time()
+    policy, rng, generator = setup(args)
+    if args.sft_steps:
+        sft_warm_start(policy, args, rng)
+    before = {mode: evaluate(policy, args, mode == "greedy", rng) for mode in ("sampled", "greedy")}
+    baselines = {kind: baseline_success(args.task, args.eval_episodes, kind, args.seed) for kind in ("random", "oracle")}
+    print(f"before RL: success {before['sampled']['success']:.2f} sampled, {before['greedy']['success']:.2f} greedy | "
+          f"read-out {before['sampled']['readout_acc']:.2f} | random {baselines['random']:.2f} | oracle {baselines['oracle']:.2f}", flush=True)
+    optimizer = start_rl(policy, args)
+    history = ppo_loop(policy, optimizer, args, rng, generator)
     after = {mode: evaluate(policy, args, mode == "greedy", rng) for mode in ("sampled", "greedy")}
+    env_steps = args.num_updates * args.batch_size
     save_checkpoint(policy, optimizer, args, dict(update=args.num_updates, env_steps=env_steps), rng)
     plot_curve(history, os.path.join(args.output_dir, "learning_curve.png"), f"{args.task}: PPO after SFT")
+    save_final_model(policy, os.path.join(args.output_dir, "final_model"))
     summary = dict(task=args.task, model=args.model, seed=args.seed,
                    eval_success_before_rl=before["sampled"]["success"], eval_success_after_rl=after["sampled"]["success"],
                    eval_greedy_success_before_rl=before["greedy"]["success"], eval_greedy_success_after_rl=after["greedy"]["success"],
@@ -759,12 +799,7 @@ def train(args):
                    wall_seconds=time.time() - t0, before=before, after=after)
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"\n{'eval success (' + str(args.eval_episodes) + ' episodes)':34s} {'before RL':>10s} {'after RL':>10s}")
-    for mode in ("sampled", "greedy"):
-        print(f"{'  ' + mode + (' (T=' + str(args.temperature) + ')' if mode == 'sampled' else ''):34s} "
-              f"{before[mode]['success']:10.2f} {after[mode]['success']:10.2f}")
-    print(f"{'  read-out accuracy (sampled)':34s} {before['sampled']['readout_acc']:10.2f} {after['sampled']['readout_acc']:10.2f}")
-    print(f"{'  random policy / oracle':34s} {baselines['random']:10.2f} {baselines['oracle']:10.2f}")
+    print_table(args, before, after, baselines)
     print(f"{env_steps} env steps in {summary['wall_seconds']:.0f} s; outputs in {args.output_dir}/")
     return summary
 

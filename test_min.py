@@ -452,7 +452,8 @@ def test_cli_end_to_end_and_deterministic(tmp_path):
                     "eval_greedy_success_after_rl", "random_success", "oracle_success"):
             assert 0.0 <= summary[key] <= 1.0, key
         assert summary["env_steps"] == 32
-        for name in ("metrics.jsonl", "learning_curve.png", "checkpoint/policy.safetensors", "checkpoint/state.pt"):
+        for name in ("metrics.jsonl", "learning_curve.png", "checkpoint/policy.safetensors", "checkpoint/state.pt",
+                     "final_model/config.json", "final_model/value_head.safetensors"):
             assert (out / name).exists(), name
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert len(rows) == 2
@@ -462,7 +463,21 @@ def test_cli_end_to_end_and_deterministic(tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [(["--task", "chess"], "task"), (["--learning-rate", "-1"], "learning rate"),
-                                          (["--num-steps", "0"], "num-steps"), (["--minibatch-size", "48"], "divide")])
+                                          (["--num-steps", "0"], "num-steps"), (["--minibatch-size", "48"], "divide"),
+                                          (["--model", "/no/such/model", "--sft-steps", "0"], "cannot load"),
+                                          (["--output-dir", "/proc/no/such/dir"], "cannot write")])
 def test_cli_bad_values_exit_2_with_one_line(argv, message):
     proc = run_cli(*argv, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# ---- THE NOTEBOOK: executed top to bottom; its run time shows in pytest's --durations report ----
+def test_notebook_runs_top_to_bottom():
+    import nbformat
+    from nbclient import NotebookClient
+    nb = nbformat.read(os.path.join(HERE, "NOTEBOOK.ipynb"), as_version=4)
+    assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), "store the notebook with outputs cleared"
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": HERE}}).execute()
+    text = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs)
+    assert "after RL" in text and "notebook ran in" in text
+    print(text[text.index("eval success"):])
