@@ -66,21 +66,20 @@ def card_image(rank, suit, w=64, h=92):
         d.rounded_rectangle([5, 5, w - 6, h - 6], radius=4, fill=(150, 30, 40))
         return img
     color = (200, 0, 0) if suit in "HD" else (0, 0, 0)
-    d.text((w / 2, h / 2 - 4), RANKS.get(rank, str(rank)), font=font(34), fill=color, anchor="mm")
+    d.text((w / 2, h / 2 - 4), RANKS.get(rank, str(rank)), font=font(round(0.37 * h)), fill=color, anchor="mm")
     draw_suit(d, suit, 11, 12, 6, color)
     draw_suit(d, suit, w - 12, h - 13, 6, color)
     return img
 
 
-def table_with_cards(rows):
-    """A green table with rows of cards, given as [(y, [(rank, suit), ...]), ...]; cards overlap if many."""
+def table_with_cards(rows, w=64, h=92):
+    """A green table with rows of w x h cards, given as [(y, [(rank, suit), ...]), ...]; cards overlap if many."""
     img = Image.new("RGB", (SIZE, SIZE), TABLE)
     for y, cards in rows:
-        w = card_image(*cards[0]).width
         step = min(w + 8, (SIZE - 20 - w) / max(len(cards) - 1, 1))
         x0 = (SIZE - w - step * (len(cards) - 1)) / 2
         for i, card in enumerate(cards):
-            img.paste(card_image(*card), (round(x0 + i * step), y))
+            img.paste(card_image(*card, w, h), (round(x0 + i * step), y))
     return img
 
 
@@ -263,10 +262,11 @@ class PointsEnv(CardEnv):
         return self.action_names.index("=")
 
     def frame(self):
-        img = table_with_cards([(50, self.cards)])
+        # two cards are drawn large: their ranks stay legible when a small model sees the frame at 64x64
+        img = table_with_cards([(20, self.cards)], *((100, 150) if self.num_cards == 2 else (64, 92)))
         text = " ".join(self.formula) if self.formula else "(empty)"
-        ImageDraw.Draw(img).text((SIZE / 2, 215), "Formula:", font=font(26), fill="white", anchor="mm")
-        ImageDraw.Draw(img).text((SIZE / 2, 255), text, font=font(30 if len(text) < 16 else 18), fill="white", anchor="mm")
+        ImageDraw.Draw(img).text((SIZE / 2, 205), "Formula:", font=font(26), fill="white", anchor="mm")
+        ImageDraw.Draw(img).text((SIZE / 2, 250), text, font=font(30 if len(text) < 16 else 18), fill="white", anchor="mm")
         return img
 
 

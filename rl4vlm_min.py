@@ -462,6 +462,8 @@ def rollout(policy, vec, args, rng, episodes):
         weights = [policy.token_weights(a) for a in answers]
         with torch.no_grad():
             logprob, value, _ = policy.score(vec["obs"], prompts, answers, weights)
+        check_finite("the rollout log-probability", logprob, f"rollout step {t}")
+        check_finite("the rollout value", value, f"rollout step {t}")
         logprobs[t], values[t] = logprob.cpu(), value.cpu()
         counts["parse_fail"] += parsed.count(False)
         counts["readout_ok"] += sum(thought_text(args.task, info) in text for info, text in zip(vec["infos"], texts))
@@ -531,6 +533,8 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
                 newlogprob, newvalue, entropy = policy.score([s.frame for s in batch], [s.prompt for s in batch],
                                                             [s.answer for s in batch], [s.weights for s in batch])
                 newlogprob, newvalue, entropy = newlogprob.cpu(), newvalue.cpu(), entropy.cpu()
+                check_finite("the log-probability", newlogprob, f"update {update}, epoch {epoch}")
+                check_finite("the value", newvalue, f"update {update}, epoch {epoch}")
                 logratio = newlogprob - b_logprobs[inds]
                 ratio = logratio.exp()
                 if first_ratio is None:

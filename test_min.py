@@ -415,6 +415,21 @@ def test_ratio_is_one_on_first_minibatch(tiny, tmp_path):
     assert stats["first_ratio_dev"] < 1e-4 and abs(stats["approx_kl"]) < 1e-7 and stats["clipfrac"] == 0
 
 
+def test_nan_stops_the_update_with_a_message(tiny, tmp_path):
+    args = small_args(tmp_path)
+    policy = fresh_policy(tiny)
+    vec = dict(envs=[NumberLine() for _ in range(4)], ep_return=[0.0] * 4, ep_len=[0] * 4)
+    first = [env.reset(seed=i) for i, env in enumerate(vec["envs"])]
+    vec["obs"], vec["infos"] = [o for o, _ in first], [i for _, i in first]
+    data = R.rollout(policy, vec, args, np.random.default_rng(0), [])
+    adv, ret = R.compute_gae(data["rewards"], data["values"], data["dones"], data["next_value"], 0.9, 0.95)
+    with torch.no_grad():
+        policy.value_head[-1].bias.fill_(float("nan"))
+    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
+    with pytest.raises(FloatingPointError, match="the value is NaN or inf at update 7, epoch 0"):
+        R.ppo_update(policy, optimizer, data, adv, ret, args, torch.Generator().manual_seed(0), update=7)
+
+
 def test_entropy_bonus_changes_the_gradient(tiny):
     policy = fresh_policy(tiny)
     env = NumberLine()
