@@ -36,6 +36,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -658,19 +659,24 @@ def trainable_state(policy):
 
 
 def save_checkpoint(policy, optimizer, args, extra, rng):
+    """Write everything to a fresh temp dir, then swap it in with renames: a crash at any point leaves
+    the previous checkpoint whole (as `checkpoint/` or, between the two renames, `checkpoint.old/`)."""
     from safetensors.torch import save_file
     final = os.path.join(args.output_dir, "checkpoint")
     tmp = tempfile.mkdtemp(prefix=".checkpoint-", dir=args.output_dir)
-    save_file(trainable_state(policy), os.path.join(tmp, "policy.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                "numpy_rng": rng.bit_generator.state, "python_rng": random.getstate()}, os.path.join(tmp, "state.pt"))
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({**extra, "args": dataclasses.asdict(args)}, f, indent=1)
-    if os.path.exists(final):       # swap in two renames: a crash in between leaves a whole checkpoint.old
+    try:
+        save_file(trainable_state(policy), os.path.join(tmp, "policy.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "numpy_rng": rng.bit_generator.state, "python_rng": random.getstate()}, os.path.join(tmp, "state.pt"))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({**extra, "args": dataclasses.asdict(args)}, f, indent=1)
+    except BaseException:
+        shutil.rmtree(tmp)              # a half-written temp dir is removed; the old checkpoint is untouched
+        raise
+    if os.path.exists(final):
         os.replace(final, final + ".old")
     os.replace(tmp, final)
     if os.path.exists(final + ".old"):
-        import shutil
         shutil.rmtree(final + ".old")
 
 

@@ -496,3 +496,52 @@ def test_notebook_runs_top_to_bottom():
     text = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs)
     assert "after RL" in text and "notebook ran in" in text
     print(text[text.index("eval success"):])
+
+
+# ---- ROBUSTNESS: hostile inputs, interrupted checkpoint writes ----
+def test_envs_take_100k_random_actions():
+    rng = np.random.default_rng(0)
+    for cls in envs.TASKS.values():
+        env = cls()
+        obs, _ = env.reset(seed=0)
+        for step in range(25_000):
+            obs, reward, terminated, truncated, info = env.step(int(rng.integers(env.action_space.n)))
+            if step % 50 == 0:              # the space check costs more than the step: sample it
+                assert env.observation_space.contains(obs)
+            assert isinstance(reward, float) and isinstance(info, dict)
+            if terminated or truncated:
+                obs, _ = env.reset()
+
+
+def test_parser_takes_100k_hostile_strings():
+    rng = np.random.default_rng(1)
+    pieces = ['"action":', '"action": "', '"', "\\", "{", "}", "10", "1", "+", "-", "stand", "hit", " ", "\n",
+              "\u00e9", "\U0001F600", "\ud800", "\x00", "ACTION", '"action":"action":']
+    for k in range(100_000):
+        text = "".join(rng.choice(pieces, size=int(rng.integers(0, 30))))
+        if k % 5000 == 0:
+            text = text * 20_000 + '"action": "+"'          # huge
+        for names in (NumberLine.action_names, Points24.action_names, Blackjack.action_names):
+            index, ok = R.parse_action(text, names, rng)
+            assert 0 <= index < len(names)
+
+
+def test_interrupted_checkpoint_write_keeps_the_old_one(tiny, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    args = small_args(tmp_path)
+    policy = fresh_policy(tiny)
+    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
+    R.save_checkpoint(policy, optimizer, args, dict(update=1), np.random.default_rng(0))
+    saved = load_file(tmp_path / "checkpoint" / "policy.safetensors")
+    with torch.no_grad():
+        policy.value_head[-1].bias.add_(1.0)
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("killed while writing")
+    monkeypatch.setattr(torch, "save", crash)             # dies after the weights, before the state file
+    with pytest.raises(KeyboardInterrupt):
+        R.save_checkpoint(policy, optimizer, args, dict(update=2), np.random.default_rng(0))
+    again = load_file(tmp_path / "checkpoint" / "policy.safetensors")
+    assert all(torch.equal(saved[k], again[k]) for k in saved)
+    assert json.loads((tmp_path / "checkpoint" / "meta.json").read_text())["update"] == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".checkpoint-")]     # no half-written leftovers
