@@ -10,7 +10,7 @@ paper's: a supervised warm start (SFT) on answers written from an oracle, then R
 
 Run (CPU, nothing downloaded: an embedded tiny LLaVA is built in code):
     python rl4vlm_min.py --task numberline
-Run (one GPU, a real checkpoint, the paper's hyper-parameters):
+Run (one GPU, a real checkpoint, the paper's hyper-parameters; not yet run on a GPU here):
     python rl4vlm_min.py --task numberline --model llava-hf/llava-v1.6-mistral-7b-hf --preset paper
 
 Shape letters: N envs, S steps per env per update, B batch (samples), P prompt tokens, A answer
@@ -21,9 +21,10 @@ Deviations from the paper, each on purpose:
   LM, word-level tokenizer), so the whole loop runs on a laptop CPU in minutes. Its SFT data uses
   random actions (--sft-oracle-prob 0 for NumberLine) so that SFT teaches it to see and to answer in
   format, and RL teaches it to act; the paper's SFT data has the oracle's actions.
-- Tiny-model defaults differ from the paper's (sampling temperature 0.5, lr 1e-4, clip 0.2, grad-norm
-  0.5, 16 envs x 8 steps, full fine-tuning instead of LoRA); `--preset paper` restores §2 of the
-  paper's settings. The logic (lambda split, GAE, clipped PPO) is the same either way.
+- Tiny-model defaults differ from the paper's (sampling temperature 0.5, lr 3e-4, clip 0.2, grad-norm
+  0.5, 16 envs x 8 steps, LoRA rank 64 / alpha 64 on the language model only, so RL leaves the
+  vision tower that SFT trained alone); `--preset paper` restores §2 of the paper's settings. The
+  logic (lambda split, GAE, clipped PPO) is the same either way.
 - Truncation (NumberLine's 10-move limit, the points games' formula cap) ends the episode like a
   termination: it is part of those games' rules and is scored as a loss, so nothing is bootstrapped.
 - The official code's defects are not repeated: the thought/action split comes from character
@@ -73,7 +74,7 @@ class Args:
     cot: bool = field(default=True, metadata={"help": "ask for thoughts before the action (--no-cot: the action only)"})
     thought_coef: float = field(default=0.5, metadata={"help": "lambda: weight of the thought tokens' log-prob (action tokens weigh 1)"})
     # PPO and GAE
-    learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate of the RL phase, cosine-decayed to 0"})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Adam learning rate of the RL phase, cosine-decayed to 0"})
     gamma: float = field(default=0.9, metadata={"help": "discount factor"})
     gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda"})
     update_epochs: int = field(default=4, metadata={"help": "passes over the rollout batch per update"})
@@ -84,8 +85,8 @@ class Args:
     vf_coef: float = field(default=0.5, metadata={"help": "value-loss coefficient"})
     max_grad_norm: float = field(default=0.5, metadata={"help": "global gradient-norm clip"})
     # model
-    lora_rank: int = field(default=0, metadata={"help": "LoRA rank; 0 = no LoRA: train all weights"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale is alpha / rank"})
+    lora_rank: int = field(default=64, metadata={"help": "LoRA rank of the RL phase (SFT trains all weights); 0 = RL trains all weights too"})
+    lora_alpha: float = field(default=64.0, metadata={"help": "LoRA scale is alpha / rank"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input while training (off when sampling)"})
     lora_targets: Literal["language", "all-linear"] = field(default="language", metadata={"help": "LoRA on the LM's attention+MLP projections, or on every linear layer (the paper)"})
     # SFT warm start
