@@ -188,6 +188,11 @@ def chat_prompt(processor, text):
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def task_prompts(processor, task, infos, cot):
+    """The chat-rendered prompt of each env's current state (one per info)."""
+    return [chat_prompt(processor, build_prompt(task, info, envs.TASKS[task].action_names, cot)) for info in infos]
+
+
 def thought_text(task, info):
     """What the thoughts should read out of the image (the SFT target, and the read-out accuracy check)."""
     if task == "numberline":
@@ -445,7 +450,7 @@ class Sample:
 def act(policy, task, infos, frames, args, rng, greedy=False):
     """Observe -> prompt -> one batched generate -> parse. Returns actions, parsed flags, prompts, answers, texts."""
     names = envs.TASKS[task].action_names
-    prompts = [chat_prompt(policy.processor, build_prompt(task, info, names, args.cot)) for info in infos]
+    prompts = task_prompts(policy.processor, task, infos, args.cot)
     answers = policy.generate(frames, prompts, greedy, args.max_new_tokens)
     texts = [policy.processor.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
     parsed = [parse_action(text, names, rng) for text in texts]
@@ -483,8 +488,7 @@ def rollout(policy, vec, args, rng, episodes):
                 vec["ep_return"][i], vec["ep_len"][i] = 0.0, 0
                 obs, info = env.reset()     # the env's own generator continues: no reseeding
             vec["obs"][i], vec["infos"][i] = obs, info
-    names = envs.TASKS[args.task].action_names
-    next_prompts = [chat_prompt(policy.processor, build_prompt(args.task, info, names, args.cot)) for info in vec["infos"]]
+    next_prompts = task_prompts(policy.processor, args.task, vec["infos"], args.cot)
     next_value = policy.value(vec["obs"], next_prompts).cpu()                 # (N,) bootstrap V(s_S)
     return dict(samples=samples, logprobs=logprobs, values=values, rewards=rewards, dones=dones, next_value=next_value,
                 format_error_rate=counts["parse_fail"] / (S * N), readout_acc=counts["readout_ok"] / (S * N),
@@ -595,7 +599,7 @@ def sft_warm_start(policy, args, rng):
     for step in range(1, args.sft_steps + 1):
         data = sft_answers(args.task, env, rng, args.sft_batch_size, args.sft_oracle_prob, args.cot, tok,
                            readout_only=step <= args.sft_readout_steps)
-        prompts = [chat_prompt(policy.processor, build_prompt(args.task, info, env.action_names, args.cot)) for _, info, _ in data]
+        prompts = task_prompts(policy.processor, args.task, [info for _, info, _ in data], args.cot)
         answers = [ids for _, _, ids in data]
         logprob, _, _ = policy.score([f for f, _, _ in data], prompts, answers, [[1.0] * len(a) for a in answers], temperature=1.0)
         loss = -logprob.sum() / sum(len(a) for a in answers)                   # mean cross-entropy per answer token
@@ -725,8 +729,7 @@ def setup(args):
     n_params = sum(p.numel() for p in policy.parameters())
     env0 = envs.TASKS[args.task]()
     obs0, info0 = env0.reset(seed=0)
-    prompt = chat_prompt(processor, build_prompt(args.task, info0, env0.action_names, args.cot))
-    prompt_len = policy.encode_prompts([obs0], [prompt])["input_ids"].shape[1]
+    prompt_len = policy.encode_prompts([obs0], task_prompts(processor, args.task, [info0], args.cot))["input_ids"].shape[1]
     print(f"task {args.task} | model {args.model} ({n_params / 1e6:.2f}M params) | {device} {dtype} | "
           f"prompt {prompt_len} tokens | {args.num_updates} updates x {args.batch_size} steps", flush=True)
     return policy, rng, generator
