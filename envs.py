@@ -11,6 +11,7 @@ validation, a reset never shows the previous episode, and every draw uses the en
 generator. Frames are drawn with Pillow only (its bundled font; cards drawn in code, each card once).
 `python envs.py` writes a contact sheet of frames to `envs_contact_sheet.png`.
 """
+import copy
 import functools
 import itertools
 from fractions import Fraction
@@ -106,10 +107,23 @@ class CardEnv(gym.Env):
     def obs(self):
         return self.render(), self.info()
 
+    state_fields = ()               # the game's own fields (per subclass); with the generator they are the whole state
+
+    def get_state(self):
+        """The game and its random generator as plain data: set_state on a fresh env continues it exactly (--resume)."""
+        return {"game": copy.deepcopy({k: getattr(self, k) for k in self.state_fields}),
+                "rng": self.np_random.bit_generator.state}
+
+    def set_state(self, state):
+        for key, value in copy.deepcopy(state["game"]).items():
+            setattr(self, key, value)
+        self.np_random.bit_generator.state = state["rng"]
+
 
 # ---- NUMBERLINE: move "Current" to "Target" on 0..5 ----
 class NumberLine(CardEnv):
     action_names = ["-", "+"]
+    state_fields = ("target", "current", "steps")
     max_steps = 10          # truncated after 10 moves
 
     def reset(self, seed=None, options=None):
@@ -212,6 +226,7 @@ def solutions(values, target, ops):
 class PointsEnv(CardEnv):
     """Cards are dealt face up; each action appends a number or an operator to the formula; "=" checks it."""
     target, num_cards, max_formula = 24, 4, 20
+    state_fields = ("cards", "formula", "slots")
 
     def reset(self, seed=None, options=None):
         super().reset(seed=seed)
@@ -296,6 +311,7 @@ def hand_total(cards):
 
 class Blackjack(CardEnv):
     action_names = ["stand", "hit"]
+    state_fields = ("player", "dealer", "done")
 
     def draw(self):                 # infinite deck: every rank equally likely
         return int(self.np_random.integers(1, 14)), SUITS[int(self.np_random.integers(4))]

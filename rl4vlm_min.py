@@ -98,6 +98,8 @@ class Args:
     # evaluation and output
     eval_episodes: int = field(default=200, metadata={"help": "episodes per evaluation, on fixed seeds disjoint from training"})
     save_every: int = field(default=0, metadata={"help": "write a checkpoint every K updates (0 = only at the end)"})
+    resume: str = field(default="", metadata={"help": "continue the run saved in this --output-dir from its last checkpoint"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "let a checkpoint run its own Python code (only for models you trust)"})
 
     def __post_init__(self):        # derived sizes, computed once, right here
         self.output_dir = self.output_dir or f"runs/{self.task}-seed{self.seed}"
@@ -133,8 +135,10 @@ def parse_args(argv=None):
     parser.error = error
     argv = sys.argv[1:] if argv is None else list(argv)
     (args,) = parser.parse_args_into_dataclasses(argv)
-    if args.preset == "paper":      # the preset first, then any flag the user typed wins
-        given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    if args.resume:
+        args = resumed_args(args, given)
+    elif args.preset == "paper":    # the preset first, then any flag the user typed wins
         steps = 1024 if args.task in ("ezpoints", "points24") else 512
         for key, value in {**PAPER_PRESET, "num_steps": steps // PAPER_PRESET["num_envs"]}.items():
             if key not in given:
@@ -156,6 +160,26 @@ def parse_args(argv=None):
         if not ok:
             error(message)
     return args
+
+
+RESUME_FIXED = ("task", "model", "num_envs", "num_steps", "lora_rank", "lora_targets")   # the saved state depends on these
+
+
+def resumed_args(args, given):
+    """--resume DIR: the run's own settings from its checkpoint. Flags typed now override them (e.g. a lower
+    --learning-rate after a NaN), except those the saved state depends on."""
+    meta_path = os.path.join(args.resume, "checkpoint", "meta.json")
+    if not os.path.isfile(meta_path):
+        fail(f"--resume {args.resume!r} holds no checkpoint ({meta_path} is missing); pass the --output-dir of a run "
+             "that saved one (with --save-every K, or a finished run)")
+    with open(meta_path) as f:
+        saved = json.load(f)["args"]
+    for key in RESUME_FIXED:
+        if key in given and getattr(args, key) != saved[key]:
+            fail(f"--resume {args.resume!r} holds a checkpoint made with --{key.replace('_', '-')} {saved[key]!r}, not "
+                 f"{getattr(args, key)!r}; resume with the same value or start a new run in another --output-dir")
+    typed = {key: getattr(args, key) for key in given if key in saved and key != "output_dir"}
+    return Args(**{**saved, **typed, "output_dir": args.resume, "resume": args.resume})
 
 
 # ---- PROMPTS: one single-turn prompt per step; what is in the image stays out of the text ----
@@ -288,11 +312,11 @@ def build_tiny_model(path, seed):
     return path
 
 
-def load_model(name, device, dtype):
+def load_model(name, device, dtype, trust_remote_code=False):
     """The same two Auto calls for the tiny model and for real checkpoints."""
     try:
-        processor = AutoProcessor.from_pretrained(name)
-        vlm = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype).to(device)
+        processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+        vlm = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
     except (OSError, ValueError) as e:
         fail(f"cannot load --model {name!r} as an image-text-to-text model ({str(e).splitlines()[0][:200]}); "
              "pass 'tiny', a local checkpoint directory or a Hugging Face id")
@@ -457,7 +481,7 @@ def act(policy, task, infos, frames, args, rng, greedy=False):
     return [a for a, _ in parsed], [ok for _, ok in parsed], prompts, answers, texts
 
 
-def rollout(policy, vec, args, rng, episodes):
+def rollout(policy, vec, args, rng, episodes, update=0):
     """S steps of N envs with the current policy (eval mode, no grad). `vec` holds the envs and their current
     obs/infos across updates; finished episodes are appended to `episodes` as (summed reward, length)."""
     S, N = args.num_steps, args.num_envs
@@ -469,8 +493,8 @@ def rollout(policy, vec, args, rng, episodes):
         weights = [policy.token_weights(a) for a in answers]
         with torch.no_grad():
             logprob, value, _ = policy.score(vec["obs"], prompts, answers, weights)
-        check_finite("the rollout log-probability", logprob, f"rollout step {t}")
-        check_finite("the rollout value", value, f"rollout step {t}")
+        check_finite("the rollout log-probability", logprob, f"update {update}, rollout step {t}")
+        check_finite("the rollout value", value, f"update {update}, rollout step {t}")
         logprobs[t], values[t] = logprob.cpu(), value.cpu()
         counts["parse_fail"] += parsed.count(False)
         counts["readout_ok"] += sum(thought_text(args.task, info) in text for info, text in zip(vec["infos"], texts))
@@ -514,8 +538,8 @@ def compute_gae(rewards, values, dones, next_value, gamma, gae_lambda):
 # ---- PPO UPDATE: clipped surrogate, clipped value loss, minibatches with gradient accumulation ----
 def check_finite(name, tensor, where):
     if not torch.isfinite(tensor).all():
-        raise FloatingPointError(f"{name} is NaN or inf at {where}: stopping (the last checkpoint is kept); "
-                                 "lower --learning-rate or raise --max-grad-norm clipping and resume")
+        raise FloatingPointError(f"{name} is NaN or inf at {where}: stopping, the last checkpoint is kept; continue "
+                                 "from it with --resume OUTPUT_DIR and a lower --learning-rate or --max-grad-norm")
 
 
 def ppo_update(policy, optimizer, data, advantages, returns, args, generator, update):
@@ -663,18 +687,26 @@ def trainable_state(policy):
     return {name: p.detach().contiguous().cpu() for name, p in policy.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(policy, optimizer, args, extra, rng):
+def run_state(optimizer, rng, generator, vec, episodes):
+    """Everything besides the weights that the run needs to continue exactly: optimizer, every RNG, the envs."""
+    return {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "generator": generator.get_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy_rng": rng.bit_generator.state, "python_rng": random.getstate(),
+            "envs": [env.get_state() for env in vec["envs"]], "ep_return": vec["ep_return"], "ep_len": vec["ep_len"],
+            "episodes": episodes}
+
+
+def save_checkpoint(policy, state, meta, output_dir):
     """Write everything to a fresh temp dir, then swap it in with renames: a crash at any point leaves
     the previous checkpoint whole (as `checkpoint/` or, between the two renames, `checkpoint.old/`)."""
     from safetensors.torch import save_file
-    final = os.path.join(args.output_dir, "checkpoint")
-    tmp = tempfile.mkdtemp(prefix=".checkpoint-", dir=args.output_dir)
+    final = os.path.join(output_dir, "checkpoint")
+    tmp = tempfile.mkdtemp(prefix=".checkpoint-", dir=output_dir)
     try:
         save_file(trainable_state(policy), os.path.join(tmp, "policy.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "numpy_rng": rng.bit_generator.state, "python_rng": random.getstate()}, os.path.join(tmp, "state.pt"))
+        torch.save(state, os.path.join(tmp, "state.pt"))       # tensors and plain data only: loaded with weights_only
         with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({**extra, "args": dataclasses.asdict(args)}, f, indent=1)
+            json.dump(meta, f, indent=1)
     except BaseException:
         shutil.rmtree(tmp)              # a half-written temp dir is removed; the old checkpoint is untouched
         raise
@@ -683,6 +715,36 @@ def save_checkpoint(policy, optimizer, args, extra, rng):
     os.replace(tmp, final)
     if os.path.exists(final + ".old"):
         shutil.rmtree(final + ".old")
+
+
+def restore_checkpoint(policy, optimizer, vec, args, rng, generator):
+    """--resume: put back what save_checkpoint wrote. Returns (next update, episodes so far, metrics so far)."""
+    from safetensors.torch import load_file
+    ckpt = os.path.join(args.output_dir, "checkpoint")
+    weights = load_file(os.path.join(ckpt, "policy.safetensors"))
+    if set(weights) != set(trainable_state(policy)):
+        fail(f"the checkpoint in {ckpt} does not match this model's trainable parameters; start a new run")
+    policy.load_state_dict(weights, strict=False)
+    state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)      # never unpickles code
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    generator.set_state(state["generator"])
+    rng.bit_generator.state = state["numpy_rng"]
+    random.setstate(state["python_rng"])
+    for env, env_state in zip(vec["envs"], state["envs"]):
+        env.set_state(env_state)
+    vec["obs"], vec["infos"] = (list(x) for x in zip(*(env.obs() for env in vec["envs"])))
+    vec["ep_return"], vec["ep_len"] = list(state["ep_return"]), list(state["ep_len"])
+    with open(os.path.join(ckpt, "meta.json")) as f:
+        done = json.load(f)["update"]
+    with open(os.path.join(args.output_dir, "metrics.jsonl")) as f:
+        history = [json.loads(line) for line in f][:done]              # rows after the checkpoint are redone
+    with open(os.path.join(args.output_dir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in history)
+    print(f"resumed {args.output_dir} after update {done}/{args.num_updates}", flush=True)
+    return done + 1, list(state["episodes"]), history
 
 
 def save_final_model(policy, path):
@@ -719,12 +781,18 @@ def setup(args):
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     try:
         os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "metrics.jsonl"), "w"):
+        with open(os.path.join(args.output_dir, "metrics.jsonl"), "a" if args.resume else "w"):
             pass
     except OSError as e:
         fail(f"cannot write --output-dir {args.output_dir!r} ({e.strerror}); choose a writable directory")
-    model_path = build_tiny_model(os.path.join(args.output_dir, "tiny_model"), args.seed) if args.model == "tiny" else args.model
-    processor, vlm = load_model(model_path, device, dtype)
+    sft_model = os.path.join(args.output_dir, "sft_model")     # the frozen base of a resumed LoRA run
+    if args.resume and os.path.isdir(sft_model):
+        model_path = sft_model
+    elif args.model == "tiny":
+        model_path = build_tiny_model(os.path.join(args.output_dir, "tiny_model"), args.seed)
+    else:
+        model_path = args.model
+    processor, vlm = load_model(model_path, device, dtype, args.trust_remote_code)
     policy = Policy(vlm, processor, args.temperature, args.thought_coef)
     n_params = sum(p.numel() for p in policy.parameters())
     env0 = envs.TASKS[args.task]()
@@ -751,14 +819,16 @@ def ppo_loop(policy, optimizer, args, rng, generator):
                ep_len=[0] * args.num_envs)
     first = [env.reset(seed=args.seed * 1000 + i) for i, env in enumerate(vec["envs"])]
     vec["obs"], vec["infos"] = [o for o, _ in first], [i for _, i in first]
-    episodes, history, env_steps = [], [], 0
-    for update in range(1, args.num_updates + 1):
+    first_update, episodes, history = 1, [], []
+    if args.resume:
+        first_update, episodes, history = restore_checkpoint(policy, optimizer, vec, args, rng, generator)
+    for update in range(first_update, args.num_updates + 1):
         t_update = time.time()
         lr = 0.5 * args.learning_rate * (1 + math.cos(math.pi * (update - 1) / args.num_updates))   # cosine to 0
         for group in optimizer.param_groups:
             group["lr"] = lr
-        data = rollout(policy, vec, args, rng, episodes)
-        env_steps += args.batch_size
+        data = rollout(policy, vec, args, rng, episodes, update)
+        env_steps = update * args.batch_size
         advantages, returns = compute_gae(data["rewards"], data["values"], data["dones"], data["next_value"],
                                           args.gamma, args.gae_lambda)
         stats = ppo_update(policy, optimizer, data, advantages, returns, args, generator, update)
@@ -776,8 +846,9 @@ def ppo_loop(policy, optimizer, args, rng, generator):
               f"pg {stats['pg_loss']:+.3f} | v {stats['v_loss']:.3f} | kl {stats['approx_kl']:.4f} | "
               f"clip {stats['clipfrac']:.2f} | ev {stats['explained_var']:+.2f} | {row['steps_per_second']:.0f} steps/s", flush=True)
         print(f"    e.g. {data['gallery'][0]['answer']!r} -> {data['gallery'][0]['action']}", flush=True)
-        if args.save_every and update % args.save_every == 0:
-            save_checkpoint(policy, optimizer, args, dict(update=update, env_steps=env_steps), rng)
+        if (args.save_every and update % args.save_every == 0) or update == args.num_updates:
+            save_checkpoint(policy, run_state(optimizer, rng, generator, vec, episodes),
+                            dict(update=update, env_steps=env_steps, args=dataclasses.asdict(args)), args.output_dir)
     return history
 
 
@@ -793,9 +864,19 @@ def print_table(args, before, after, baselines):
 def train(args):
     t0 = time.time()
     policy, rng, generator = setup(args)
-    if args.sft_steps:
-        sft_warm_start(policy, args, rng)
-    before = {mode: evaluate(policy, args, mode == "greedy", rng) for mode in ("sampled", "greedy")}
+    before_path = os.path.join(args.output_dir, "before_rl.json")
+    if args.resume:                 # SFT and the first evaluation are done: read their result
+        with open(before_path) as f:
+            before = json.load(f)
+    else:
+        if args.sft_steps:
+            sft_warm_start(policy, args, rng)
+            if args.lora_rank > 0:  # RL freezes these weights: keep them for --resume
+                policy.vlm.save_pretrained(os.path.join(args.output_dir, "sft_model"))
+                policy.processor.save_pretrained(os.path.join(args.output_dir, "sft_model"))
+        before = {mode: evaluate(policy, args, mode == "greedy", rng) for mode in ("sampled", "greedy")}
+        with open(before_path, "w") as f:
+            json.dump(before, f)
     baselines = {kind: baseline_success(args.task, args.eval_episodes, kind, args.seed) for kind in ("random", "oracle")}
     print(f"before RL: success {before['sampled']['success']:.2f} sampled, {before['greedy']['success']:.2f} greedy | "
           f"read-out {before['sampled']['readout_acc']:.2f} | random {baselines['random']:.2f} | oracle {baselines['oracle']:.2f}", flush=True)
@@ -803,7 +884,6 @@ def train(args):
     history = ppo_loop(policy, optimizer, args, rng, generator)
     after = {mode: evaluate(policy, args, mode == "greedy", rng) for mode in ("sampled", "greedy")}
     env_steps = args.num_updates * args.batch_size
-    save_checkpoint(policy, optimizer, args, dict(update=args.num_updates, env_steps=env_steps), rng)
     plot_curve(history, os.path.join(args.output_dir, "learning_curve.png"), f"{args.task}: PPO after SFT")
     save_final_model(policy, os.path.join(args.output_dir, "final_model"))
     summary = dict(task=args.task, model=args.model, seed=args.seed,

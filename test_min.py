@@ -480,7 +480,8 @@ def test_cli_end_to_end_and_deterministic(tmp_path):
 @pytest.mark.parametrize("argv,message", [(["--task", "chess"], "task"), (["--learning-rate", "-1"], "learning rate"),
                                           (["--num-steps", "0"], "num-steps"), (["--minibatch-size", "48"], "divide"),
                                           (["--model", "/no/such/model", "--sft-steps", "0"], "cannot load"),
-                                          (["--output-dir", "/proc/no/such/dir"], "cannot write")])
+                                          (["--output-dir", "/proc/no/such/dir"], "cannot write"),
+                                          (["--resume", "/no/such/run"], "holds no checkpoint")])
 def test_cli_bad_values_exit_2_with_one_line(argv, message):
     proc = run_cli(*argv, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -528,10 +529,8 @@ def test_parser_takes_100k_hostile_strings():
 
 def test_interrupted_checkpoint_write_keeps_the_old_one(tiny, tmp_path, monkeypatch):
     from safetensors.torch import load_file
-    args = small_args(tmp_path)
     policy = fresh_policy(tiny)
-    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
-    R.save_checkpoint(policy, optimizer, args, dict(update=1), np.random.default_rng(0))
+    R.save_checkpoint(policy, {"update": 1}, dict(update=1), str(tmp_path))
     saved = load_file(tmp_path / "checkpoint" / "policy.safetensors")
     with torch.no_grad():
         policy.value_head[-1].bias.add_(1.0)
@@ -540,8 +539,57 @@ def test_interrupted_checkpoint_write_keeps_the_old_one(tiny, tmp_path, monkeypa
         raise KeyboardInterrupt("killed while writing")
     monkeypatch.setattr(torch, "save", crash)             # dies after the weights, before the state file
     with pytest.raises(KeyboardInterrupt):
-        R.save_checkpoint(policy, optimizer, args, dict(update=2), np.random.default_rng(0))
+        R.save_checkpoint(policy, {"update": 2}, dict(update=2), str(tmp_path))
     again = load_file(tmp_path / "checkpoint" / "policy.safetensors")
     assert all(torch.equal(saved[k], again[k]) for k in saved)
     assert json.loads((tmp_path / "checkpoint" / "meta.json").read_text())["update"] == 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".checkpoint-")]     # no half-written leftovers
+
+
+def test_env_state_round_trips():
+    rng = np.random.default_rng(0)
+    for cls in envs.TASKS.values():
+        a, b = cls(), cls()
+        a.reset(seed=3)
+        a.step(0)
+        b.set_state(a.get_state())
+        for _ in range(100):            # same moves, same frames, rewards and deals, across resets
+            action = int(rng.integers(a.action_space.n))
+            (obs_a, *rest_a), (obs_b, *rest_b) = a.step(action), b.step(action)
+            assert np.array_equal(obs_a, obs_b) and rest_a == rest_b
+            if rest_a[1] or rest_a[2]:
+                a.reset(), b.reset()
+
+
+RUN3 = ["--num-envs", "4", "--num-steps", "4", "--minibatch-size", "8", "--micro-batch-size", "4", "--total-steps", "48",
+        "--sft-steps", "3", "--eval-episodes", "4", "--max-new-tokens", "24", "--save-every", "1"]     # 3 updates
+
+
+def test_nan_stops_the_run_and_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    def outcome(out):
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        summary = json.loads((out / "summary.json").read_text())
+        return ([{k: v for k, v in r.items() if k != "steps_per_second"} for r in rows],
+                {k: v for k, v in summary.items() if k != "wall_seconds"})
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    R.main([*RUN3, "--output-dir", str(full)])
+    real_rollout = R.rollout
+
+    def poisoned(policy, vec, args, rng, episodes, update=0):
+        if update == 2:                 # a NaN appears in the second update's rollout
+            with torch.no_grad():
+                policy.value_head[-1].bias.fill_(float("nan"))
+        return real_rollout(policy, vec, args, rng, episodes, update)
+    monkeypatch.setattr(R, "rollout", poisoned)
+    with pytest.raises(SystemExit) as stop:
+        R.main([*RUN3, "--output-dir", str(cut)])
+    assert stop.value.code == 3
+    assert "the rollout value is NaN or inf at update 2, rollout step 0" in capsys.readouterr().err
+    assert json.loads((cut / "checkpoint" / "meta.json").read_text())["update"] == 1      # the last good one is kept
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as stop:     # a checkpoint of another task is refused
+        R.main(["--task", "ezpoints", "--resume", str(cut)])
+    assert stop.value.code == 2 and "made with --task 'numberline'" in capsys.readouterr().err
+    R.main(["--resume", str(cut)])
+    assert "resumed" in capsys.readouterr().out
+    assert outcome(cut) == outcome(full)
