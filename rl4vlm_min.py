@@ -555,7 +555,8 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
         for start in range(0, args.batch_size, args.minibatch_size):
             mb_inds = b_inds[start: start + args.minibatch_size]
             mb_advantages = b_advantages[mb_inds]
-            mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)   # per-minibatch norm
+            if len(mb_inds) > 1:            # per-minibatch normalisation (a minibatch of 1 has no spread)
+                mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
             optimizer.zero_grad()
             for micro in range(0, args.minibatch_size, args.micro_batch_size):   # gradient accumulation
                 inds = mb_inds[micro: micro + args.micro_batch_size]
