@@ -89,6 +89,8 @@ class Args:
     lora_alpha: float = field(default=64.0, metadata={"help": "LoRA scale is alpha / rank"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input while training (off when sampling)"})
     lora_targets: Literal["language", "all-linear"] = field(default="language", metadata={"help": "LoRA on the LM's attention+MLP projections, or on every linear layer (the paper)"})
+    lora_in_sft: bool = field(default=False, metadata={"help": "add LoRA before SFT so SFT trains the adapters too (a full fine-tune of a 7B model does not fit one GPU)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass: less memory, more compute"})
     # SFT warm start
     sft_steps: int = field(default=250, metadata={"help": "supervised warm-start steps before RL (0 = none)"})
     sft_batch_size: int = field(default=32, metadata={"help": "answers per SFT step"})
@@ -100,6 +102,7 @@ class Args:
     save_every: int = field(default=0, metadata={"help": "write a checkpoint every K updates (0 = only at the end)"})
     resume: str = field(default="", metadata={"help": "continue the run saved in this --output-dir from its last checkpoint"})
     trust_remote_code: bool = field(default=False, metadata={"help": "let a checkpoint run its own Python code (only for models you trust)"})
+    dry_run: bool = field(default=False, metadata={"help": "load, print the memory estimate, time one rollout step and one PPO update, and exit"})
 
     def __post_init__(self):        # derived sizes, computed once, right here
         self.output_dir = self.output_dir or f"runs/{self.task}-seed{self.seed}"
@@ -117,7 +120,7 @@ SFT_ORACLE_PROB = {"numberline": 0.0, "ezpoints": 0.5, "points24": 0.5, "blackja
 PAPER_PRESET = dict(temperature=0.2, thought_coef=0.5, clip_coef=0.1, gamma=0.9, gae_lambda=0.95, update_epochs=4,
                     max_grad_norm=0.01, learning_rate=1e-5, lora_rank=128, lora_alpha=256.0, lora_dropout=0.05,
                     lora_targets="all-linear", minibatch_size=128, micro_batch_size=4, max_new_tokens=256,
-                    total_steps=15000, num_envs=4, ent_coef=0.0)
+                    total_steps=15000, num_envs=4, ent_coef=0.0, lora_in_sft=True, gradient_checkpointing=True)
 
 
 def fail(message):
@@ -312,17 +315,41 @@ def build_tiny_model(path, seed):
     return path
 
 
+# The only family-specific code. `processor` / `model`: from_pretrained overrides that keep a 300x300 frame one
+# bounded view (the paper's single 336-px view is 576 tokens) instead of tiling it; `mrope`: the model builds its
+# own 3-D positions from the image grid (we must not pass 1-D position ids). Token counts: tiny checkpoints, tests.
+FAMILIES = {
+    "llava": dict(processor={}, model={}, mrope=False),                       # LLaVA-1.5: one view, 576 tokens
+    "llava_next": dict(processor={"image_grid_pinpoints": [[336, 336]]},       # LLaVA-1.6: base view + one tile
+                       model={"image_grid_pinpoints": [[336, 336]]}, mrope=False),   # (1176), not up to 4 tiles
+    "llava_onevision": dict(processor={"image_grid_pinpoints": [[384, 384]]},  # base + one tile (1485), not 36
+                            model={"image_grid_pinpoints": [[384, 384]]}, mrope=False),
+    "qwen2_vl": dict(processor={"size": {"shortest_edge": 56 * 56, "longest_edge": 300 * 300}}, model={}, mrope=True),
+    "qwen2_5_vl": dict(processor={"size": {"shortest_edge": 56 * 56, "longest_edge": 300 * 300}}, model={}, mrope=True),
+    "idefics3": dict(processor={"do_image_splitting": False}, model={}, mrope=False),   # one crop (169), not 17
+    "smolvlm": dict(processor={"do_image_splitting": False}, model={}, mrope=False),    # one crop (64), not 17
+}
+
+
 def load_model(name, device, dtype, trust_remote_code=False):
-    """The same two Auto calls for the tiny model and for real checkpoints."""
+    """The same Auto calls for the tiny model and for real checkpoints, with the family's bounds applied."""
     try:
-        processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
-        vlm = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
+        model_type = transformers.AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).model_type
+        family = FAMILIES.get(model_type, dict(processor={}, model={}, mrope=False))
+        processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code, **family["processor"])
+        vlm = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                          **family["model"]).to(device)
     except (OSError, ValueError) as e:
         fail(f"cannot load --model {name!r} as an image-text-to-text model ({str(e).splitlines()[0][:200]}); "
              "pass 'tiny', a local checkpoint directory or a Hugging Face id")
+    if model_type not in FAMILIES:
+        print(f"note: model type {model_type!r} is not among the tested families {sorted(FAMILIES)}; trying it as is")
+    if getattr(processor, "image_processor", None) is None or not hasattr(processor, "tokenizer"):
+        fail(f"--model {name!r} has a processor that cannot take an image; pass an image-text-to-text checkpoint")
     if getattr(processor, "chat_template", None) is None:
         fail(f"--model {name!r} has no chat template; use a chat/instruct checkpoint or add one to its processor")
     processor.tokenizer.padding_side = "left"     # prompts are left-padded so that every answer starts at column P
+    vlm.mrope = family["mrope"]
     return processor, vlm
 
 
@@ -350,11 +377,12 @@ class LoRALinear(nn.Module):
 
 def add_lora(vlm, rank, alpha, dropout, targets):
     """Freeze the VLM and wrap the target linear layers with LoRA. 'language': the LM's q/k/v/o and MLP
-    projections; 'all-linear': every linear layer but the output head (LM, vision tower, projector: the paper)."""
+    projections (the LM is `language_model`, or `text_model` in Idefics3/SmolVLM); 'all-linear': every linear
+    layer but the output head (LM, vision tower, projector: the paper)."""
     vlm.requires_grad_(False)
     head = vlm.get_output_embeddings()
     names = [n for n, m in vlm.named_modules() if isinstance(m, nn.Linear) and m is not head and
-             (targets == "all-linear" or ("language_model" in n and n.split(".")[-1] in
+             (targets == "all-linear" or (("language_model" in n or "text_model" in n) and n.split(".")[-1] in
                                           ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))]
     assert names, "no linear layer matched --lora-targets; this model family is not supported yet"
     for name in names:
@@ -393,7 +421,7 @@ class Policy(nn.Module):
 
     def encode_prompts(self, frames, prompts):
         """Frames + chat-rendered prompts -> a left-padded batch: input_ids (B, P), attention_mask (B, P), pixel_values..."""
-        batch = self.processor(images=list(frames), text=list(prompts), padding=True, return_tensors="pt")
+        batch = self.processor(images=[[f] for f in frames], text=list(prompts), padding=True, return_tensors="pt")
         return {k: v.to(self.device()) for k, v in batch.items()}
 
     def generate(self, frames, prompts, greedy, max_new_tokens):
@@ -436,6 +464,9 @@ class Policy(nn.Module):
         answer_ids, answer_mask, w = answer_ids.to(self.device()), answer_mask.to(self.device()), w.to(self.device())
         input_ids = torch.cat([batch.pop("input_ids"), answer_ids], 1)         # (B, T)
         attention_mask = torch.cat([batch.pop("attention_mask"), answer_mask], 1)   # (B, T)
+        for key in ("mm_token_type_ids", "token_type_ids"):                    # per-token types: answers are text (0)
+            if key in batch:
+                batch[key] = torch.cat([batch[key], torch.zeros_like(answer_ids).to(batch[key].dtype)], 1)
         hidden = self.hidden_states(input_ids, attention_mask, batch)          # (B, T, H)
         logits = self.vlm.get_output_embeddings()(hidden[:, P - 1: -1]).float() / temperature   # (B, A, V)
         if self.banned:
@@ -448,10 +479,11 @@ class Policy(nn.Module):
         return (token_logp * w).sum(-1), value, (entropy * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
     def hidden_states(self, input_ids, attention_mask, extra):
-        """The VLM trunk's final hidden states (B, T, H); positions count real tokens only, as generate() does."""
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)             # (B, T)
+        """The VLM trunk's final hidden states (B, T, H); positions count real tokens only, as generate() does
+        (M-RoPE models build their 3-D positions from the image grid themselves)."""
+        position_ids = None if self.vlm.mrope else (attention_mask.cumsum(-1) - 1).clamp(min=0)   # (B, T)
         return self.vlm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              **extra).last_hidden_state
+                              use_cache=False, **extra).last_hidden_state
 
     def value(self, frames, prompts):
         """V(s) alone (for bootstrapping the last step of a rollout)."""
@@ -626,18 +658,23 @@ def sft_warm_start(policy, args, rng):
                            readout_only=step <= args.sft_readout_steps)
         prompts = task_prompts(policy.processor, args.task, [info for _, info, _ in data], args.cot)
         answers = [ids for _, _, ids in data]
-        logprob, _, _ = policy.score([f for f, _, _ in data], prompts, answers, [[1.0] * len(a) for a in answers], temperature=1.0)
-        loss = -logprob.sum() / sum(len(a) for a in answers)                   # mean cross-entropy per answer token
-        check_finite("the SFT loss", loss, f"SFT step {step}")
+        n_tokens, loss = sum(len(a) for a in answers), 0.0
         optimizer.zero_grad()
-        loss.backward()
+        for lo in range(0, len(data), args.micro_batch_size):                 # gradient accumulation
+            part = slice(lo, lo + args.micro_batch_size)
+            logprob, _, _ = policy.score([f for f, _, _ in data[part]], prompts[part], answers[part],
+                                         [[1.0] * len(a) for a in answers[part]], temperature=1.0)
+            part_loss = -logprob.sum() / n_tokens                                 # mean cross-entropy per answer token
+            check_finite("the SFT loss", part_loss, f"SFT step {step}")
+            part_loss.backward()
+            loss += part_loss.item()
         nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if step % 50 == 0 or step == args.sft_steps:       # read-out accuracy: can the model see yet?
             texts = [tok.decode(a, skip_special_tokens=True) for a in
                      policy.generate([f for f, _, _ in data[:16]], prompts[:16], True, args.max_new_tokens)]
             readout = np.mean([thought_text(args.task, info) in t for (_, info, _), t in zip(data, texts)])
-            print(f"sft step {step:4d}/{args.sft_steps} | loss {loss.item():.3f} | read-out (greedy) {readout:.2f}", flush=True)
+            print(f"sft step {step:4d}/{args.sft_steps} | loss {loss:.3f} | read-out (greedy) {readout:.2f}", flush=True)
             policy.train()
 
 
@@ -770,6 +807,73 @@ def plot_curve(history, path, title):
     plt.close(fig)
 
 
+# ---- ONE GPU: how big is the prompt, will training fit, and --dry-run ----
+def prompt_shape(policy, args):
+    """(prompt tokens, image tokens) of the task's first prompt: the longest part of every sequence."""
+    obs, info = envs.TASKS[args.task]().reset(seed=0)
+    ids = policy.encode_prompts([obs], task_prompts(policy.processor, args.task, [info], args.cot))["input_ids"][0]
+    return len(ids), int((ids == policy.vlm.config.image_token_id).sum())
+
+
+def memory_estimate(policy, args, batch):
+    """Rough training memory in bytes for `batch` sequences per forward/backward. Weights as loaded; gradients
+    and Adam's two moments of the trainable parameters; activations of the language model after Korthikanti
+    et al. 2022 (about 34 bytes per token per hidden unit per layer in 16-bit, or 2 with gradient
+    checkpointing plus one layer recomputed); the fp32 logits of the answer tokens; the rollout's KV cache."""
+    text = policy.vlm.config.get_text_config()
+    elem = next(policy.vlm.parameters()).element_size()          # 2 in bf16, 4 in fp32
+    trainable = sum(p.numel() * p.element_size() for p in policy.parameters() if p.requires_grad)
+    prompt_tokens, _ = prompt_shape(policy, args)
+    seq, h, layers = prompt_tokens + args.max_new_tokens, text.hidden_size, text.num_hidden_layers
+    per_layer = 34 * seq * h * elem / 2                          # bytes per sequence per layer
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or h // text.num_attention_heads
+    est = {"weights": sum(p.numel() * p.element_size() for p in policy.parameters()),
+           "gradients": trainable, "adam state": 2 * trainable,
+           "activations": batch * (per_layer * (1 + (layers - 1) * 2 / 34) if args.gradient_checkpointing else per_layer * layers),
+           "logits (fp32)": 3 * batch * args.max_new_tokens * text.vocab_size * 4,
+           "KV cache (rollout)": args.num_envs * seq * layers * 2 * kv_heads * head_dim * elem}
+    return {k: int(v) for k, v in est.items()}
+
+
+def print_memory(policy, args, phase, batch):
+    est = memory_estimate(policy, args, batch)
+    total = sum(est.values())
+    size = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    parts = ", ".join(f"{k} {size(v)}" for k, v in est.items())
+    print(f"memory estimate for {phase}: {parts} | total {size(total)}", end="", flush=True)
+    if torch.cuda.is_available():
+        free, size = torch.cuda.mem_get_info()
+        print(f" | this GPU: {size / 2**30:.1f} GiB, {free / 2**30:.1f} free: " + ("fits" if total < free else
+              "may not fit: lower --micro-batch-size or --num-envs, or add --gradient-checkpointing / --lora-in-sft"), end="")
+    print(flush=True)
+    return est
+
+
+def dry_run(policy, args, rng, generator):
+    """One rollout step of N envs and one PPO minibatch: measured time and peak memory, then exit."""
+    import resource
+    args = dataclasses.replace(args, num_steps=1, update_epochs=1, total_steps=args.num_envs, minibatch_size=args.num_envs,
+                               micro_batch_size=math.gcd(args.micro_batch_size, args.num_envs))
+    optimizer = start_rl(policy, args)
+    print_memory(policy, args, "RL", args.micro_batch_size)
+    vec = dict(envs=[envs.TASKS[args.task]() for _ in range(args.num_envs)], ep_return=[0.0] * args.num_envs,
+               ep_len=[0] * args.num_envs)
+    vec["obs"], vec["infos"] = (list(x) for x in zip(*(env.reset(seed=i) for i, env in enumerate(vec["envs"]))))
+    t0 = time.time()
+    data = rollout(policy, vec, args, rng, [], update=1)
+    t1 = time.time()
+    advantages, returns = compute_gae(data["rewards"], data["values"], data["dones"], data["next_value"], args.gamma, args.gae_lambda)
+    stats = ppo_update(policy, optimizer, data, advantages, returns, args, generator, update=1)
+    t2 = time.time()
+    peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)      # Linux reports KiB
+    print(f"dry run: rollout step of {args.num_envs} envs {t1 - t0:.2f} s | PPO update of {args.num_envs} samples "
+          f"{t2 - t1:.2f} s | peak memory {peak / 2**30:.2f} GiB ({'GPU' if torch.cuda.is_available() else 'process RSS'}) | "
+          f"first ratio - 1 = {stats['first_ratio_dev']:.1e}", flush=True)
+    return dict(rollout_seconds=t1 - t0, update_seconds=t2 - t1, peak_bytes=peak, **stats)
+
+
 # ---- TRAIN: SFT warm start, evaluate, PPO, evaluate again ----
 def setup(args):
     """Seeds, device, output dir, model and policy. Returns policy, rng (numpy), generator (torch)."""
@@ -794,23 +898,28 @@ def setup(args):
     else:
         model_path = args.model
     processor, vlm = load_model(model_path, device, dtype, args.trust_remote_code)
+    if args.gradient_checkpointing:
+        vlm.activation_checkpointing_enable()       # every decoder layer recomputed in the backward pass
     policy = Policy(vlm, processor, args.temperature, args.thought_coef)
     n_params = sum(p.numel() for p in policy.parameters())
-    env0 = envs.TASKS[args.task]()
-    obs0, info0 = env0.reset(seed=0)
-    prompt_len = policy.encode_prompts([obs0], task_prompts(processor, args.task, [info0], args.cot))["input_ids"].shape[1]
-    print(f"task {args.task} | model {args.model} ({n_params / 1e6:.2f}M params) | {device} {dtype} | "
-          f"prompt {prompt_len} tokens | {args.num_updates} updates x {args.batch_size} steps", flush=True)
+    prompt_tokens, image_tokens = prompt_shape(policy, args)
+    print(f"task {args.task} | model {args.model} ({type(vlm).__name__}, {n_params / 1e6:.2f}M params) | {device} {dtype} | "
+          f"prompt {prompt_tokens} tokens ({image_tokens} image) | {args.num_updates} updates x {args.batch_size} steps", flush=True)
     return policy, rng, generator
 
 
+def add_adapters(policy, args):
+    n = add_lora(policy.vlm, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    print(f"LoRA rank {args.lora_rank} on {n} linear layers ({args.lora_targets}); the rest of the VLM is frozen", flush=True)
+
+
 def start_rl(policy, args):
-    """The paper's SFT is a full fine-tune; RL then trains LoRA adapters on top (if --lora-rank > 0)."""
-    if args.lora_rank > 0:
-        n = add_lora(policy.vlm, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
-        print(f"RL trains LoRA rank {args.lora_rank} on {n} linear layers ({args.lora_targets}) and the value head", flush=True)
+    """By default SFT trains all weights and RL then trains LoRA adapters on top (if --lora-rank > 0);
+    with --lora-in-sft the adapters were added before SFT and RL goes on training them."""
+    if args.lora_rank > 0 and not args.lora_in_sft:
+        add_adapters(policy, args)
     params = [p for p in policy.parameters() if p.requires_grad]
-    print(f"RL trains {sum(p.numel() for p in params) / 1e6:.2f}M parameters", flush=True)
+    print(f"RL trains {sum(p.numel() for p in params) / 1e6:.2f}M parameters (with the value head)", flush=True)
     return torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
 
 
@@ -865,14 +974,19 @@ def print_table(args, before, after, baselines):
 def train(args):
     t0 = time.time()
     policy, rng, generator = setup(args)
+    if args.lora_rank > 0 and args.lora_in_sft:
+        add_adapters(policy, args)
+    if args.dry_run:
+        return dry_run(policy, args, rng, generator)
     before_path = os.path.join(args.output_dir, "before_rl.json")
     if args.resume:                 # SFT and the first evaluation are done: read their result
         with open(before_path) as f:
             before = json.load(f)
     else:
         if args.sft_steps:
+            print_memory(policy, args, "SFT", min(args.micro_batch_size, args.sft_batch_size))
             sft_warm_start(policy, args, rng)
-            if args.lora_rank > 0:  # RL freezes these weights: keep them for --resume
+            if args.lora_rank > 0 and not args.lora_in_sft:   # RL freezes these weights: keep them for --resume
                 policy.vlm.save_pretrained(os.path.join(args.output_dir, "sft_model"))
                 policy.processor.save_pretrained(os.path.join(args.output_dir, "sft_model"))
         before = {mode: evaluate(policy, args, mode == "greedy", rng) for mode in ("sampled", "greedy")}
@@ -882,12 +996,14 @@ def train(args):
     print(f"before RL: success {before['sampled']['success']:.2f} sampled, {before['greedy']['success']:.2f} greedy | "
           f"read-out {before['sampled']['readout_acc']:.2f} | random {baselines['random']:.2f} | oracle {baselines['oracle']:.2f}", flush=True)
     optimizer = start_rl(policy, args)
+    print_memory(policy, args, "RL", args.micro_batch_size)
     history = ppo_loop(policy, optimizer, args, rng, generator)
     after = {mode: evaluate(policy, args, mode == "greedy", rng) for mode in ("sampled", "greedy")}
     env_steps = args.num_updates * args.batch_size
     plot_curve(history, os.path.join(args.output_dir, "learning_curve.png"), f"{args.task}: PPO after SFT")
     save_final_model(policy, os.path.join(args.output_dir, "final_model"))
-    summary = dict(task=args.task, model=args.model, seed=args.seed,
+    prompt_tokens, image_tokens = prompt_shape(policy, args)
+    summary = dict(task=args.task, model=args.model, seed=args.seed, prompt_tokens=prompt_tokens, image_tokens=image_tokens,
                    eval_success_before_rl=before["sampled"]["success"], eval_success_after_rl=after["sampled"]["success"],
                    eval_greedy_success_before_rl=before["greedy"]["success"], eval_greedy_success_after_rl=after["greedy"]["success"],
                    random_success=baselines["random"], oracle_success=baselines["oracle"], env_steps=env_steps,

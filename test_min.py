@@ -235,6 +235,7 @@ import sys
 import torch
 
 import rl4vlm_min as R
+import tiny_families
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -593,3 +594,71 @@ def test_nan_stops_the_run_and_resume_equals_the_uninterrupted_run(tmp_path, mon
     R.main(["--resume", str(cut)])
     assert "resumed" in capsys.readouterr().out
     assert outcome(cut) == outcome(full)
+
+
+# ---- REAL CHECKPOINT FAMILIES: tiny random checkpoints of each, built and saved here, loaded like real ones ----
+# image tokens of a 300x300 frame after FAMILIES' bounds (the real checkpoints' vision geometry)
+IMAGE_TOKENS = {"llava": 576, "llava_next": 1176, "llava_onevision": 1485, "qwen2_vl": 100, "qwen2_5_vl": 100,
+                "idefics3": 169, "smolvlm": 64}
+
+
+@pytest.mark.parametrize("family", tiny_families.FAMILIES)
+def test_real_family_checkpoint_trains_two_updates(family, tmp_path):
+    path = tiny_families.build_tiny_checkpoint(family, str(tmp_path / "model"))
+    out = tmp_path / "run"
+    R.main(["--model", path, "--task", "blackjack", "--num-envs", "2", "--num-steps", "2", "--minibatch-size", "2",
+            "--micro-batch-size", "1", "--total-steps", "8", "--sft-steps", "1", "--sft-batch-size", "2",
+            "--eval-episodes", "1", "--max-new-tokens", "6", "--lora-rank", "4", "--output-dir", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["image_tokens"] == IMAGE_TOKENS[family]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["first_ratio_dev"] < 1e-5 for r in rows)   # rollout and update score alike
+    assert (out / "final_model" / "config.json").exists()
+
+
+def test_memory_estimate_counts_the_checkpoint_bytes(tmp_path):
+    from safetensors import safe_open
+    for family in ("llava_next", "qwen2_5_vl", "idefics3"):
+        path = tiny_families.build_tiny_checkpoint(family, str(tmp_path / family))
+        processor, vlm = R.load_model(path, torch.device("cpu"), torch.float32)
+        policy = R.Policy(vlm, processor, 1.0, 0.5)
+        with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:       # measured: the bytes on disk
+            stored = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys()) * 4      # fp32
+        est = R.memory_estimate(policy, small_args(tmp_path), batch=1)
+        value_head = sum(p.numel() * 4 for p in policy.value_head.parameters())
+        assert est["weights"] - value_head == stored, family
+        assert est["gradients"] == est["weights"] and est["adam state"] == 2 * est["weights"]   # no LoRA: all trainable
+
+
+def test_model_without_chat_template_is_refused(tmp_path):
+    path = tiny_families.build_tiny_checkpoint("llava", str(tmp_path / "model"))
+    os.remove(os.path.join(path, "chat_template.jinja"))
+    proc = run_cli("--model", path, "--output-dir", str(tmp_path / "run"), timeout=120)
+    assert proc.returncode == 2 and "no chat template" in proc.stderr, proc.stderr
+
+
+def test_gradient_checkpointing_keeps_the_gradients_and_saves_less(tiny):
+    grads, saved = [], []
+    for checkpointing in (False, True):
+        policy = fresh_policy(tiny)
+        if checkpointing:
+            policy.vlm.activation_checkpointing_enable()
+        policy.train()
+        obs, info = NumberLine().reset(seed=0)
+        ids = policy.processor.tokenizer('{"action": "+"}', add_special_tokens=False).input_ids
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t, lambda t: t):
+            logprob, value, _ = policy.score([obs] * 4, prompts_of(policy, "numberline", [info] * 4), [ids] * 4,
+                                             [[1.0] * len(ids)] * 4)
+        (logprob.sum() + value.sum()).backward()
+        grads.append([p.grad for p in policy.vlm.parameters() if p.grad is not None])
+        saved.append(sum(sizes))
+    assert len(grads[0]) == len(grads[1]) > 30
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    assert saved[1] < 0.5 * saved[0]            # the activations kept for the backward pass shrink
+
+
+def test_dry_run_times_one_step_and_one_update(tmp_path):
+    stats = R.train(R.parse_args(["--dry-run", "--num-envs", "4", "--output-dir", str(tmp_path)]))
+    assert stats["first_ratio_dev"] < 1e-5 and stats["peak_bytes"] > 0 and stats["update_seconds"] > 0
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "checkpoint").exists()
