@@ -46,6 +46,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers
@@ -54,6 +55,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentP
 import envs
 
 TASK_NAMES = list(envs.TASKS)
+# Data parallel: torchrun starts WORLD workers and tells each its RANK (1 and 0 without torchrun; see DATA PARALLEL)
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 transformers.utils.logging.disable_progress_bar()     # no load/save progress bars for a 1 MB model
 
 
@@ -109,7 +112,8 @@ class Args:
         if self.sft_oracle_prob < 0:
             self.sft_oracle_prob = SFT_ORACLE_PROB[self.task]
         self.batch_size = self.num_envs * self.num_steps                      # B
-        self.num_updates = max(self.total_steps // max(self.batch_size, 1), 1)   # (bad sizes are reported in parse_args)
+        # --total-steps counts env steps over all workers (bad sizes are reported in parse_args)
+        self.num_updates = max(self.total_steps // max(self.batch_size * WORLD, 1), 1)
 
 
 # The action of an SFT answer is the oracle's with this probability. NumberLine and Blackjack start
@@ -158,7 +162,8 @@ def parse_args(argv=None):
               (0 <= args.sft_oracle_prob <= 1, "--sft-oracle-prob must be in [0, 1] (or -1 for the task default)"),
               (args.lora_rank >= 0 and args.max_new_tokens > 0 and args.eval_episodes > 0 and args.sft_steps >= 0,
                "--lora-rank, --sft-steps must be >= 0; --max-new-tokens, --eval-episodes > 0"),
-              (args.total_steps >= args.batch_size, f"--total-steps must be at least one batch ({args.batch_size})")]
+              (args.total_steps >= args.batch_size * WORLD, f"--total-steps must be at least one batch of all "
+               f"workers ({args.batch_size * WORLD})")]
     for ok, message in checks:
         if not ok:
             error(message)
@@ -617,6 +622,7 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
                 (loss * len(inds) / args.minibatch_size).backward()
                 for key, val in (("pg_loss", pg_loss), ("v_loss", v_loss), ("entropy", entropy.mean())):
                     stats[key].append(val.item())
+            average_gradients(params)       # data parallel: the mean over workers (nothing without torchrun)
             grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             check_finite("the gradient norm", grad_norm, f"update {update}, epoch {epoch}")
             stats["grad_norm"].append(grad_norm.item())
@@ -668,6 +674,7 @@ def sft_warm_start(policy, args, rng):
             check_finite("the SFT loss", part_loss, f"SFT step {step}")
             part_loss.backward()
             loss += part_loss.item()
+        average_gradients(params)
         nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if step % 50 == 0 or step == args.sft_steps:       # read-out accuracy: can the model see yet?
@@ -720,14 +727,54 @@ def baseline_success(task, episodes, kind, seed):
     return wins / episodes
 
 
+# ---- DATA PARALLEL (torchrun): own envs and seeds per worker, averaged gradients, identical weights ----
+def start_workers(device):
+    if WORLD > 1 and not dist.is_initialized():
+        import datetime             # rank 0 evaluates alone while the others wait: allow a long wait
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
+
+
+def average_gradients(params):
+    """After each worker's backward: every worker holds the mean of all workers' gradients, so every worker
+    takes the same optimizer step and the weights stay identical (what DistributedDataParallel does)."""
+    if WORLD == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)             # sum over workers
+        p.grad /= WORLD
+
+
+def broadcast_weights(module):
+    """New layers were initialised on each worker: all start from rank 0's values."""
+    if WORLD > 1:
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
+def gather(obj):
+    """[obj of worker 0, obj of worker 1, ...] on every worker ([obj] without torchrun)."""
+    if WORLD == 1:
+        return [obj]
+    out = [None] * WORLD
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def weights_digest(policy):
+    import hashlib
+    return hashlib.sha1(b"".join(t.numpy().tobytes() for t in trainable_state(policy).values())).hexdigest()
+
+
 # ---- CHECKPOINTS: trainable weights and value head in safetensors, written to a temp dir then renamed ----
 def trainable_state(policy):
     return {name: p.detach().contiguous().cpu() for name, p in policy.named_parameters() if p.requires_grad}
 
 
-def run_state(optimizer, rng, generator, vec, episodes):
-    """Everything besides the weights that the run needs to continue exactly: optimizer, every RNG, the envs."""
-    return {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "generator": generator.get_state(),
+def worker_state(rng, generator, vec, episodes):
+    """What one worker needs, besides the weights and the optimizer, to continue exactly: every RNG, the envs."""
+    return {"torch_rng": torch.get_rng_state(), "generator": generator.get_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy_rng": rng.bit_generator.state, "python_rng": random.getstate(),
             "envs": [env.get_state() for env in vec["envs"]], "ep_return": vec["ep_return"], "ep_len": vec["ep_len"],
@@ -764,7 +811,11 @@ def restore_checkpoint(policy, optimizer, vec, args, rng, generator):
         fail(f"the checkpoint in {ckpt} does not match this model's trainable parameters; start a new run")
     policy.load_state_dict(weights, strict=False)
     state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)      # never unpickles code
+    if len(state["workers"]) != WORLD:
+        fail(f"the checkpoint in {ckpt} was written by {len(state['workers'])} worker(s), this run has {WORLD}; "
+             f"resume with torchrun --nproc_per_node {len(state['workers'])} (or without torchrun if 1)")
     optimizer.load_state_dict(state["optimizer"])
+    state = state["workers"][RANK]
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -777,10 +828,12 @@ def restore_checkpoint(policy, optimizer, vec, args, rng, generator):
     vec["ep_return"], vec["ep_len"] = list(state["ep_return"]), list(state["ep_len"])
     with open(os.path.join(ckpt, "meta.json")) as f:
         done = json.load(f)["update"]
-    with open(os.path.join(args.output_dir, "metrics.jsonl")) as f:
-        history = [json.loads(line) for line in f][:done]              # rows after the checkpoint are redone
-    with open(os.path.join(args.output_dir, "metrics.jsonl"), "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in history)
+    history = []
+    if RANK == 0:                   # rank 0 alone keeps the metrics
+        with open(os.path.join(args.output_dir, "metrics.jsonl")) as f:
+            history = [json.loads(line) for line in f][:done]          # rows after the checkpoint are redone
+        with open(os.path.join(args.output_dir, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in history)
     print(f"resumed {args.output_dir} after update {done}/{args.num_updates}", flush=True)
     return done + 1, list(state["episodes"]), history
 
@@ -819,18 +872,23 @@ def memory_estimate(policy, args, batch):
     """Rough training memory in bytes for `batch` sequences per forward/backward. Weights as loaded; gradients
     and Adam's two moments of the trainable parameters; activations of the language model after Korthikanti
     et al. 2022 (about 34 bytes per token per hidden unit per layer in 16-bit, or 2 with gradient
-    checkpointing plus one layer recomputed); the fp32 logits of the answer tokens; the rollout's KV cache."""
-    text = policy.vlm.config.get_text_config()
+    checkpointing plus one layer recomputed), and of the vision tower if it trains (its tokens counted as the
+    image tokens); the fp32 logits of the answer tokens; the rollout's KV cache."""
+    text, vision = policy.vlm.config.get_text_config(), getattr(policy.vlm.config, "vision_config", None)
     elem = next(policy.vlm.parameters()).element_size()          # 2 in bf16, 4 in fp32
     trainable = sum(p.numel() * p.element_size() for p in policy.parameters() if p.requires_grad)
-    prompt_tokens, _ = prompt_shape(policy, args)
+    prompt_tokens, image_tokens = prompt_shape(policy, args)
     seq, h, layers = prompt_tokens + args.max_new_tokens, text.hidden_size, text.num_hidden_layers
-    per_layer = 34 * seq * h * elem / 2                          # bytes per sequence per layer
+    keep = (lambda n: 1 + (n - 1) * 2 / 34) if args.gradient_checkpointing else (lambda n: n)   # layers' worth kept
+    activations = batch * 34 * seq * h * elem / 2 * keep(layers)
+    if vision is not None and any(p.requires_grad for n, p in policy.vlm.named_parameters() if "vision" in n):
+        h_v = getattr(vision, "embed_dim", None) or vision.hidden_size
+        activations += batch * 34 * image_tokens * h_v * elem / 2 * keep(getattr(vision, "num_hidden_layers", None) or vision.depth)
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or h // text.num_attention_heads
     est = {"weights": sum(p.numel() * p.element_size() for p in policy.parameters()),
            "gradients": trainable, "adam state": 2 * trainable,
-           "activations": batch * (per_layer * (1 + (layers - 1) * 2 / 34) if args.gradient_checkpointing else per_layer * layers),
+           "activations": activations,
            "logits (fp32)": 3 * batch * args.max_new_tokens * text.vocab_size * 4,
            "KV cache (rollout)": args.num_envs * seq * layers * 2 * kv_heads * head_dim * elem}
     return {k: int(v) for k, v in est.items()}
@@ -876,40 +934,52 @@ def dry_run(policy, args, rng, generator):
 
 # ---- TRAIN: SFT warm start, evaluate, PPO, evaluate again ----
 def setup(args):
-    """Seeds, device, output dir, model and policy. Returns policy, rng (numpy), generator (torch)."""
-    random.seed(args.seed)                                 # the one seeding block
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)                           # weights of new layers, sampling in generate
-    rng = np.random.default_rng(args.seed)                 # parser fallback, SFT data, baselines
-    generator = torch.Generator().manual_seed(args.seed)   # minibatch shuffling
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Seeds, device, workers, output dir, model and policy. Returns policy, rng (numpy), generator (torch)."""
+    seed = args.seed + RANK                                # each worker samples differently (rank 0: --seed)
+    random.seed(seed)                                      # the one seeding block
+    np.random.seed(seed)
+    torch.manual_seed(seed)                                # weights of new layers, sampling in generate
+    rng = np.random.default_rng(seed)                      # parser fallback, SFT data, baselines
+    generator = torch.Generator().manual_seed(seed)        # minibatch shuffling
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    try:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "metrics.jsonl"), "a" if args.resume else "w"):
-            pass
-    except OSError as e:
-        fail(f"cannot write --output-dir {args.output_dir!r} ({e.strerror}); choose a writable directory")
+    start_workers(device)
     sft_model = os.path.join(args.output_dir, "sft_model")     # the frozen base of a resumed LoRA run
     if args.resume and os.path.isdir(sft_model):
         model_path = sft_model
     elif args.model == "tiny":
-        model_path = build_tiny_model(os.path.join(args.output_dir, "tiny_model"), args.seed)
+        model_path = os.path.join(args.output_dir, "tiny_model")
     else:
         model_path = args.model
+    if RANK == 0:                   # rank 0 alone writes the output dir
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+            with open(os.path.join(args.output_dir, "metrics.jsonl"), "a" if args.resume else "w"):
+                pass
+        except OSError as e:
+            fail(f"cannot write --output-dir {args.output_dir!r} ({e.strerror}); choose a writable directory")
+        if args.model == "tiny" and model_path != sft_model:
+            build_tiny_model(model_path, args.seed)
+    if WORLD > 1:
+        dist.barrier()              # the others wait for the tiny model to be written
     processor, vlm = load_model(model_path, device, dtype, args.trust_remote_code)
     if args.gradient_checkpointing:
         vlm.activation_checkpointing_enable()       # every decoder layer recomputed in the backward pass
     policy = Policy(vlm, processor, args.temperature, args.thought_coef)
+    broadcast_weights(policy)       # the value head starts the same on every worker
     n_params = sum(p.numel() for p in policy.parameters())
     prompt_tokens, image_tokens = prompt_shape(policy, args)
     print(f"task {args.task} | model {args.model} ({type(vlm).__name__}, {n_params / 1e6:.2f}M params) | {device} {dtype} | "
-          f"prompt {prompt_tokens} tokens ({image_tokens} image) | {args.num_updates} updates x {args.batch_size} steps", flush=True)
+          f"prompt {prompt_tokens} tokens ({image_tokens} image) | {args.num_updates} updates x {args.batch_size} steps x {WORLD} "
+          f"worker(s)", flush=True)
     return policy, rng, generator
 
 
 def add_adapters(policy, args):
     n = add_lora(policy.vlm, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    broadcast_weights(policy)
     print(f"LoRA rank {args.lora_rank} on {n} linear layers ({args.lora_targets}); the rest of the VLM is frozen", flush=True)
 
 
@@ -927,7 +997,7 @@ def ppo_loop(policy, optimizer, args, rng, generator):
     """args.num_updates x (rollout, GAE, PPO update). Returns the per-update metrics (also in metrics.jsonl)."""
     vec = dict(envs=[envs.TASKS[args.task]() for _ in range(args.num_envs)], ep_return=[0.0] * args.num_envs,
                ep_len=[0] * args.num_envs)
-    first = [env.reset(seed=args.seed * 1000 + i) for i, env in enumerate(vec["envs"])]
+    first = [env.reset(seed=args.seed * 1000 + RANK * args.num_envs + i) for i, env in enumerate(vec["envs"])]
     vec["obs"], vec["infos"] = [o for o, _ in first], [i for _, i in first]
     first_update, episodes, history = 1, [], []
     if args.resume:
@@ -938,27 +1008,38 @@ def ppo_loop(policy, optimizer, args, rng, generator):
         for group in optimizer.param_groups:
             group["lr"] = lr
         data = rollout(policy, vec, args, rng, episodes, update)
-        env_steps = update * args.batch_size
+        env_steps = update * args.batch_size * WORLD
         advantages, returns = compute_gae(data["rewards"], data["values"], data["dones"], data["next_value"],
                                           args.gamma, args.gae_lambda)
         stats = ppo_update(policy, optimizer, data, advantages, returns, args, generator, update)
-        recent = episodes[-100:]
-        row = dict(update=update, env_steps=env_steps, lr=lr, episodes=len(episodes),
+        # metrics over all workers: their last 100 episodes each, and the mean of each worker's rates and losses
+        recent = [ep for worker in gather(episodes[-100:]) for ep in worker]
+        local = dict(format_error_rate=data["format_error_rate"], readout_acc=data["readout_acc"], **stats)
+        merged = {key: float(np.mean([worker[key] for worker in gather(local)])) for key in local}
+        row = dict(update=update, env_steps=env_steps, lr=lr, episodes=sum(gather(len(episodes))),
                    success=float(np.mean([r > 0 for r, _ in recent])) if recent else float("nan"),
-                   mean_return=float(np.mean([r for r, _ in recent])) if recent else float("nan"),
-                   format_error_rate=data["format_error_rate"], readout_acc=data["readout_acc"], **stats,
-                   steps_per_second=args.batch_size / (time.time() - t_update), samples=data["gallery"])
+                   mean_return=float(np.mean([r for r, _ in recent])) if recent else float("nan"), **merged,
+                   steps_per_second=args.batch_size * WORLD / (time.time() - t_update), samples=data["gallery"])
+        if WORLD > 1:               # the point of averaging gradients: check it every update
+            row["weight_digests"] = gather(weights_digest(policy))
+            if len(set(row["weight_digests"])) != 1:
+                raise RuntimeError(f"the workers' weights differ after update {update}: {row['weight_digests']}")
         history.append(row)
-        with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if RANK == 0:
+            with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
         print(f"update {update:3d}/{args.num_updates} | steps {env_steps:6d} | success {row['success']:.2f} | "
               f"return {row['mean_return']:+.2f} | fmt_err {row['format_error_rate']:.2f} | read {row['readout_acc']:.2f} | "
-              f"pg {stats['pg_loss']:+.3f} | v {stats['v_loss']:.3f} | kl {stats['approx_kl']:.4f} | "
-              f"clip {stats['clipfrac']:.2f} | ev {stats['explained_var']:+.2f} | {row['steps_per_second']:.0f} steps/s", flush=True)
+              f"pg {row['pg_loss']:+.3f} | v {row['v_loss']:.3f} | kl {row['approx_kl']:.4f} | "
+              f"clip {row['clipfrac']:.2f} | ev {row['explained_var']:+.2f} | {row['steps_per_second']:.0f} steps/s"
+              + (f" | {WORLD} workers" if WORLD > 1 else ""), flush=True)
         print(f"    e.g. {data['gallery'][0]['answer']!r} -> {data['gallery'][0]['action']}", flush=True)
         if (args.save_every and update % args.save_every == 0) or update == args.num_updates:
-            save_checkpoint(policy, run_state(optimizer, rng, generator, vec, episodes),
-                            dict(update=update, env_steps=env_steps, args=dataclasses.asdict(args)), args.output_dir)
+            workers = gather(worker_state(rng, generator, vec, episodes))      # every worker's RNGs and envs
+            if RANK == 0:
+                save_checkpoint(policy, {"optimizer": optimizer.state_dict(), "workers": workers},
+                                dict(update=update, env_steps=env_steps, workers=WORLD, args=dataclasses.asdict(args)),
+                                args.output_dir)
     return history
 
 
@@ -986,20 +1067,24 @@ def train(args):
         if args.sft_steps:
             print_memory(policy, args, "SFT", min(args.micro_batch_size, args.sft_batch_size))
             sft_warm_start(policy, args, rng)
-            if args.lora_rank > 0 and not args.lora_in_sft:   # RL freezes these weights: keep them for --resume
-                policy.vlm.save_pretrained(os.path.join(args.output_dir, "sft_model"))
+            if args.lora_rank > 0 and not args.lora_in_sft and RANK == 0:   # RL freezes these weights: keep them
+                policy.vlm.save_pretrained(os.path.join(args.output_dir, "sft_model"))         # for --resume
                 policy.processor.save_pretrained(os.path.join(args.output_dir, "sft_model"))
-        before = {mode: evaluate(policy, args, mode == "greedy", rng) for mode in ("sampled", "greedy")}
-        with open(before_path, "w") as f:
-            json.dump(before, f)
-    baselines = {kind: baseline_success(args.task, args.eval_episodes, kind, args.seed) for kind in ("random", "oracle")}
-    print(f"before RL: success {before['sampled']['success']:.2f} sampled, {before['greedy']['success']:.2f} greedy | "
-          f"read-out {before['sampled']['readout_acc']:.2f} | random {baselines['random']:.2f} | oracle {baselines['oracle']:.2f}", flush=True)
+        if RANK == 0:               # rank 0 alone evaluates; the other workers wait for it at the next exchange
+            before = {mode: evaluate(policy, args, mode == "greedy", rng) for mode in ("sampled", "greedy")}
+            with open(before_path, "w") as f:
+                json.dump(before, f)
+    if RANK == 0:
+        baselines = {kind: baseline_success(args.task, args.eval_episodes, kind, args.seed) for kind in ("random", "oracle")}
+        print(f"before RL: success {before['sampled']['success']:.2f} sampled, {before['greedy']['success']:.2f} greedy | "
+              f"read-out {before['sampled']['readout_acc']:.2f} | random {baselines['random']:.2f} | oracle {baselines['oracle']:.2f}", flush=True)
     optimizer = start_rl(policy, args)
     print_memory(policy, args, "RL", args.micro_batch_size)
     history = ppo_loop(policy, optimizer, args, rng, generator)
+    if RANK > 0:
+        return None
     after = {mode: evaluate(policy, args, mode == "greedy", rng) for mode in ("sampled", "greedy")}
-    env_steps = args.num_updates * args.batch_size
+    env_steps = args.num_updates * args.batch_size * WORLD
     plot_curve(history, os.path.join(args.output_dir, "learning_curve.png"), f"{args.task}: PPO after SFT")
     save_final_model(policy, os.path.join(args.output_dir, "final_model"))
     prompt_tokens, image_tokens = prompt_shape(policy, args)
@@ -1018,11 +1103,16 @@ def train(args):
 # ---- MAIN ----
 def main(argv=None):
     args = parse_args(argv)
+    if RANK > 0:
+        sys.stdout = open(os.devnull, "w")      # rank 0 alone prints
     try:
         train(args)
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

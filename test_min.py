@@ -662,3 +662,65 @@ def test_dry_run_times_one_step_and_one_update(tmp_path):
     stats = R.train(R.parse_args(["--dry-run", "--num-envs", "4", "--output-dir", str(tmp_path)]))
     assert stats["first_ratio_dev"] < 1e-5 and stats["peak_bytes"] > 0 and stats["update_seconds"] > 0
     assert not (tmp_path / "summary.json").exists() and not (tmp_path / "checkpoint").exists()
+
+
+# ---- DATA PARALLEL: torchrun workers on the CPU (gloo) ----
+def averaged_gradient_worker(rank, path, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    R.WORLD, R.RANK = 2, rank
+    processor, vlm = R.load_model(path, torch.device("cpu"), torch.float32)
+    torch.manual_seed(0)
+    policy = R.Policy(vlm, processor, 1.0, 0.5)
+    frames, prompts, answers, advantages = union_minibatch(policy)
+    part = slice(2 * rank, 2 * rank + 2)            # each worker holds half of the minibatch
+    logprob, _, _ = policy.score(frames[part], prompts[part], answers[part], [[1.0] * len(a) for a in answers[part]])
+    (-(advantages[part] * logprob).mean()).backward()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    R.average_gradients(params)
+    torch.save([p.grad for p in params], os.path.join(out, f"grads{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def union_minibatch(policy):
+    env = NumberLine()
+    states = [env.reset(seed=s) for s in range(4)]
+    ids = [policy.processor.tokenizer(f'{{"action": "{a}"}}', add_special_tokens=False).input_ids for a in "+-+-"]
+    return ([o for o, _ in states], prompts_of(policy, "numberline", [i for _, i in states]), ids,
+            torch.tensor([1.0, -0.5, 2.0, 0.25]))
+
+
+def test_averaged_gradient_of_two_workers_equals_the_union_gradient(tiny, tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(averaged_gradient_worker, args=(tiny[0], port, str(tmp_path)), nprocs=2)
+    policy = fresh_policy(tiny)
+    frames, prompts, answers, advantages = union_minibatch(policy)
+    logprob, _, _ = policy.score(frames, prompts, answers, [[1.0] * len(a) for a in answers])
+    (-(advantages * logprob).mean()).backward()
+    union = [torch.zeros_like(p) if p.grad is None else p.grad for p in policy.parameters() if p.requires_grad]
+    worker0, worker1 = (torch.load(tmp_path / f"grads{r}.pt") for r in (0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(worker0, worker1))          # every worker holds the same mean
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(worker0, union))
+
+
+def test_torchrun_two_workers_keep_identical_weights_and_resume(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                os.path.join(HERE, "rl4vlm_min.py")]
+    for extra in (["--total-steps", "32"], ["--resume", str(out), "--total-steps", "64"]):    # 1 update, then 1 more
+        proc = subprocess.run([*torchrun, *TINY_RUN, "--output-dir", str(out), *extra], capture_output=True, text=True,
+                              timeout=600, env=env, cwd=HERE)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed" in proc.stdout and proc.stdout.count("update   2/2") == 1 and "2 workers" in proc.stdout   # rank 0 prints
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["env_steps"] for r in rows] == [32, 64]                 # --total-steps counts both workers' steps
+    assert all(len(r["weight_digests"]) == 2 and len(set(r["weight_digests"])) == 1 for r in rows)
+    assert sorted(p.name for p in out.iterdir()) == ["before_rl.json", "checkpoint", "final_model", "learning_curve.png",
+                                                     "metrics.jsonl", "sft_model", "summary.json", "tiny_model"]
+    single = run_cli("--resume", str(out), timeout=300)                # resuming with another worker count is refused
+    assert single.returncode == 2 and "written by 2 worker(s)" in single.stderr, single.stderr
