@@ -11,7 +11,11 @@ paper's: a supervised warm start (SFT) on answers written from an oracle, then R
 Run (CPU, nothing downloaded: an embedded tiny LLaVA is built in code):
     python rl4vlm_min.py --task numberline
 Run (one GPU, a real checkpoint, the paper's hyper-parameters; not yet run on a GPU here):
+    python rl4vlm_min.py --task numberline --model llava-hf/llava-v1.6-mistral-7b-hf --preset paper --dry-run
     python rl4vlm_min.py --task numberline --model llava-hf/llava-v1.6-mistral-7b-hf --preset paper
+Continue a stopped run, or train data-parallel on K GPUs (or CPU processes):
+    python rl4vlm_min.py --resume runs/numberline-seed1
+    torchrun --nproc_per_node K rl4vlm_min.py --task numberline ...
 
 Shape letters: N envs, S steps per env per update, B batch (samples), P prompt tokens, A answer
 tokens, T = P + A, V vocabulary, H hidden size.

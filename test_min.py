@@ -724,3 +724,11 @@ def test_torchrun_two_workers_keep_identical_weights_and_resume(tmp_path):
                                                      "metrics.jsonl", "sft_model", "summary.json", "tiny_model"]
     single = run_cli("--resume", str(out), timeout=300)                # resuming with another worker count is refused
     assert single.returncode == 2 and "written by 2 worker(s)" in single.stderr, single.stderr
+
+
+def test_text_only_model_is_refused(tmp_path):
+    import transformers
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**tiny_families.TEXT, vocab_size=320)).save_pretrained(tmp_path / "text")
+    tiny_families._tokenizer([], eos="</s>", pad="<pad>", bos="<s>").save_pretrained(tmp_path / "text")
+    proc = run_cli("--model", str(tmp_path / "text"), "--output-dir", str(tmp_path / "run"), timeout=120)
+    assert proc.returncode == 2 and "cannot load --model" in proc.stderr and "image-text-to-text" in proc.stderr
