@@ -905,8 +905,8 @@ def print_memory(policy, args, phase, batch):
     parts = ", ".join(f"{k} {size(v)}" for k, v in est.items())
     print(f"memory estimate for {phase}: {parts} | total {size(total)}", end="", flush=True)
     if torch.cuda.is_available():
-        free, size = torch.cuda.mem_get_info()
-        print(f" | this GPU: {size / 2**30:.1f} GiB, {free / 2**30:.1f} free: " + ("fits" if total < free else
+        free, capacity = torch.cuda.mem_get_info()
+        print(f" | this GPU: {capacity / 2**30:.1f} GiB, {free / 2**30:.1f} free: " + ("fits" if total < free else
               "may not fit: lower --micro-batch-size or --num-envs, or add --gradient-checkpointing / --lora-in-sft"), end="")
     print(flush=True)
     return est
