@@ -10,6 +10,7 @@ not run again, so an interrupted benchmark continues where it stopped.
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -119,8 +120,31 @@ def speed(model_path, out_dir, steps):
     parts = dict(timers.total)
     parts["PPO backward + optimizer step"] = parts.pop("PPO update in total") - parts.get("PPO forward (scoring with grad)", 0.0)
     parts["other (prompts, parsing, GAE, logging)"] = total - sum(parts.values())
+    workers = worker_speed(model_path, out_dir, num_envs=16 if steps >= 64 else 4, cores=2 if steps >= 64 else 1)
+    rows.update(workers)
     return dict(throughput=rows, batch_ratio=rows["rollout, 16 env(s) per generate"] / rows["rollout, 1 env(s) per generate"],
-                minibatch_ratio=updates[32] / updates[1], breakdown=parts, update_seconds=total)
+                minibatch_ratio=updates[32] / updates[1], worker_ratio=list(workers.values())[1] / list(workers.values())[0],
+                breakdown=parts, update_seconds=total)
+
+
+def worker_speed(model_path, out_dir, num_envs, cores):
+    """Env-steps/s of a whole training update (rollout + PPO) with 1 process of 2 threads vs 2 torchrun workers
+    of 1 thread each: the same 2 cores either way (cores=1 in --quick: 1 thread each, a smoke test).
+    Mean over the updates after the first."""
+    rows = {}
+    for workers in (1, 2):
+        run_dir = os.path.join(out_dir, f"workers{workers}")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(max(cores // workers, 1)))
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(workers),
+                        "rl4vlm_min.py", "--model", model_path, "--sft-steps", "0", "--eval-episodes", "1",
+                        "--num-envs", str(num_envs), "--num-steps", "4", "--minibatch-size", str(num_envs),
+                        "--micro-batch-size", str(num_envs), "--total-steps", str(4 * 4 * num_envs * workers),
+                        "--output-dir", run_dir], check=True, env=env, capture_output=True,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            rates = [json.loads(line)["steps_per_second"] for line in f][1:]
+        rows[f"training, {workers} torchrun worker(s) x {max(cores // workers, 1)} thread(s), env-steps/s"] = float(np.mean(rates))
+    return rows
 
 
 # ---- REPORT ----
@@ -172,7 +196,9 @@ def report(results, ablations, spd, command, wall, threads, episodes, seeds):
               "## Speed (one process, the NumberLine model trained above)", "", "| measurement | rate |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in spd["throughput"].items()]
     lines += ["", f"Batched rollout, 16 envs vs 1 env per generate: **{spd['batch_ratio']:.1f}x** env-steps/s. "
-              f"PPO update, minibatch 32 vs 1: **{spd['minibatch_ratio']:.1f}x** samples/s.", "",
+              f"PPO update, minibatch 32 vs 1: **{spd['minibatch_ratio']:.1f}x** samples/s. "
+              f"Training with 2 torchrun workers (1 thread each) vs 1 process (2 threads) on the same 2 cores: "
+              f"**{spd['worker_ratio']:.2f}x** env-steps/s.", "",
               f"One default update (16 envs x 8 steps, 4 epochs of minibatch 32): {spd['update_seconds']:.1f} s", "",
               "| part | seconds | share |", "|---|---|---|"]
     lines += [f"| {k} | {v:.2f} | {100 * v / spd['update_seconds']:.0f}% |" for k, v in spd["breakdown"].items()]
@@ -191,7 +217,8 @@ def main(argv=None):
     tasks, seeds, extra = TASKS, opts.seeds, []
     if opts.quick:
         tasks, seeds = ["numberline"], [1]
-        extra = ["--total-steps", "128", "--sft-steps", "40", "--sft-readout-steps", "20", "--eval-episodes", "16"]
+        extra = ["--num-envs", "4", "--total-steps", "64", "--sft-steps", "10", "--sft-readout-steps", "5",
+                 "--eval-episodes", "4", "--max-new-tokens", "24"]
     results = {task: {seed: run(opts.out, f"{task}-seed{seed}", ["--task", task, "--seed", str(seed), *extra])
                       for seed in seeds} for task in tasks}
     ablations = {name: {seed: (results["numberline"][seed] if not flags else
@@ -205,7 +232,7 @@ def main(argv=None):
     command = "python bench.py" + (" --quick" if opts.quick else "") + (f" --threads {opts.threads}")
     with open(os.path.join(opts.out, "RESULTS.md"), "w") as f:
         f.write(report(results, ablations, spd, command, time.time() - t0, opts.threads,
-                       16 if opts.quick else R.Args().eval_episodes, seeds))
+                       4 if opts.quick else R.Args().eval_episodes, seeds))
     print(f"wrote {opts.out}/RESULTS.md and {opts.out}/curves.png in {(time.time() - t0) / 60:.1f} min")
 
 

@@ -732,3 +732,15 @@ def test_text_only_model_is_refused(tmp_path):
     tiny_families._tokenizer([], eos="</s>", pad="<pad>", bos="<s>").save_pretrained(tmp_path / "text")
     proc = run_cli("--model", str(tmp_path / "text"), "--output-dir", str(tmp_path / "run"), timeout=120)
     assert proc.returncode == 2 and "cannot load --model" in proc.stderr and "image-text-to-text" in proc.stderr
+
+
+# ---- THE BENCHMARK SCRIPT: its --quick mode, so that it cannot rot ----
+def test_bench_quick_writes_the_report(tmp_path):
+    import bench
+    bench.main(["--quick", "--out", str(tmp_path)])
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert "| numberline |" in report and "| no CoT |" in report and "| lambda 1 |" in report
+    rates = [float(line.split("|")[2]) for line in report.splitlines() if line.startswith("| rollout,") or
+             line.startswith("| training,") or line.startswith("| PPO update,")]
+    assert len(rates) == 7 and all(r > 0 for r in rates)
