@@ -167,9 +167,11 @@ def curves(results, path):
 
 
 def report(results, ablations, spd, command, wall, threads, episodes, seeds):
+    runs = {id(s): s for group in (results, ablations) for r in group.values() for s, _ in r.values()}.values()
     lines = ["# rl4vlm-min benchmark (embedded tiny model, CPU)", "",
-             f"Made by `{command}` in {wall / 60:.0f} min on {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-             f"{threads} torch thread(s). Success = summed episode reward > 0 over {episodes} fixed eval episodes "
+             f"Made by `{command}` on {os.cpu_count()} CPU cores, torch {torch.__version__}, {threads} torch thread(s). "
+             f"The {len(runs)} training runs took {sum(s['wall_seconds'] for s in runs) / 60:.0f} min of wall time "
+             f"together (runs already finished are reused; this invocation took {wall / 60:.0f} min). Success = summed episode reward > 0 over {episodes} fixed eval episodes "
              f"(seeds disjoint from training); mean ± sd over seeds {', '.join(map(str, seeds))}. Sampled at the "
              "training temperature (0.5); greedy = argmax decoding.", "",
              "| task | random | oracle | SFT only (sampled) | after RL (sampled) | after RL (greedy) | read-out after RL | "
