@@ -219,8 +219,8 @@ def main(argv=None):
     tasks, seeds, extra = TASKS, opts.seeds, []
     if opts.quick:
         tasks, seeds = ["numberline"], [1]
-        extra = ["--num-envs", "4", "--total-steps", "64", "--sft-steps", "10", "--sft-readout-steps", "5",
-                 "--eval-episodes", "4", "--max-new-tokens", "24"]
+        extra = ["--num-envs", "4", "--total-steps", "32", "--sft-steps", "4", "--sft-readout-steps", "2",
+                 "--eval-episodes", "2", "--max-new-tokens", "16"]
     results = {task: {seed: run(opts.out, f"{task}-seed{seed}", ["--task", task, "--seed", str(seed), *extra])
                       for seed in seeds} for task in tasks}
     ablations = {name: {seed: (results["numberline"][seed] if not flags else
@@ -234,7 +234,7 @@ def main(argv=None):
     command = "python bench.py" + (" --quick" if opts.quick else "") + (f" --threads {opts.threads}")
     with open(os.path.join(opts.out, "RESULTS.md"), "w") as f:
         f.write(report(results, ablations, spd, command, time.time() - t0, opts.threads,
-                       4 if opts.quick else R.Args().eval_episodes, seeds))
+                       2 if opts.quick else R.Args().eval_episodes, seeds))
     print(f"wrote {opts.out}/RESULTS.md and {opts.out}/curves.png in {(time.time() - t0) / 60:.1f} min")
 
 
