@@ -146,7 +146,7 @@ def parse_args(argv=None):
     parser.error = error
     argv = sys.argv[1:] if argv is None else list(argv)
     (args,) = parser.parse_args_into_dataclasses(argv)
-    given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    given = {a.lstrip("-").split("=")[0].replace("-", "_").replace("no_cot", "cot") for a in argv if a.startswith("--")}
     if args.resume:
         args = resumed_args(args, given)
     elif args.preset == "paper":    # the preset first, then any flag the user typed wins
