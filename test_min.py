@@ -612,7 +612,10 @@ def test_real_family_checkpoint_trains_two_updates(family, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["image_tokens"] == IMAGE_TOKENS[family]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(r["first_ratio_dev"] < 1e-5 for r in rows)   # rollout and update score alike
+    # rollout and update score alike: exactly in fp32; in bf16 (CUDA) sums depend on the batch's shape, and an H200
+    # gave |ratio - 1| = 5.8e-4 for a micro-batch of 1 against a rollout batch of 2 (0 with equal batches)
+    tolerance = 5e-3 if torch.cuda.is_available() else 1e-5          # the run is in bf16 on a GPU, fp32 on a CPU
+    assert len(rows) == 2 and all(r["first_ratio_dev"] < tolerance for r in rows)
     assert (out / "final_model" / "config.json").exists()
 
 
@@ -713,8 +716,9 @@ def test_torchrun_two_workers_keep_identical_weights_and_resume(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 os.path.join(HERE, "rl4vlm_min.py")]
     for extra in (["--total-steps", "32"], ["--resume", str(out), "--total-steps", "64"]):    # 1 update, then 1 more
-        proc = subprocess.run([*torchrun, *TINY_RUN, "--output-dir", str(out), *extra], capture_output=True, text=True,
-                              timeout=600, env=env, cwd=HERE)
+        # LoRA here (the resume test above trains all weights), so that resuming a LoRA run is tested too
+        proc = subprocess.run([*torchrun, *TINY_RUN, "--lora-rank", "8", "--output-dir", str(out), *extra],
+                              capture_output=True, text=True, timeout=600, env=env, cwd=HERE)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed" in proc.stdout and proc.stdout.count("update   2/2") == 1 and "2 workers" in proc.stdout   # rank 0 prints
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
