@@ -10,7 +10,7 @@ paper's: a supervised warm start (SFT) on answers written from an oracle, then R
 
 Run (CPU, nothing downloaded: an embedded tiny LLaVA is built in code):
     python rl4vlm_min.py --task numberline
-Run (one GPU, a real checkpoint, the paper's hyper-parameters; not yet run on a GPU here):
+Run (one GPU, a real checkpoint, the paper's hyper-parameters; no real checkpoint has run here yet):
     python rl4vlm_min.py --task numberline --model llava-hf/llava-v1.6-mistral-7b-hf --preset paper --dry-run
     python rl4vlm_min.py --task numberline --model llava-hf/llava-v1.6-mistral-7b-hf --preset paper
 Continue a stopped run, or train data-parallel on K GPUs (or CPU processes):
