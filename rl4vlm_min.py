@@ -279,7 +279,7 @@ def tiny_corpus():
     texts = ["USER: ASSISTANT: \n", " ".join(str(i) for i in range(40))]
     for task, cls in envs.TASKS.items():
         env = cls()
-        for seed in range(300):
+        for seed in range(100):     # 20 seeds already give every word (measured: the same 169 as 300 seeds)
             _, info = env.reset(seed=seed)
             for _ in range(4):
                 for cot in (True, False):

@@ -493,7 +493,7 @@ def test_notebook_runs_top_to_bottom(monkeypatch):
     import nbformat
     from nbclient import NotebookClient
     # every cell runs, on a shorter schedule than a lecture's (the default command's: 368 s for that command here)
-    monkeypatch.setenv("NOTEBOOK_FLAGS", "--sft-steps 150 --total-steps 512 --eval-episodes 40")
+    monkeypatch.setenv("NOTEBOOK_FLAGS", "--sft-steps 60 --total-steps 256 --eval-episodes 20")
     nb = nbformat.read(os.path.join(HERE, "NOTEBOOK.ipynb"), as_version=4)
     assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), "store the notebook with outputs cleared"
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": HERE}}).execute()
