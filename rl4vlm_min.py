@@ -26,8 +26,8 @@ Deviations from the paper, each on purpose:
   random actions (--sft-oracle-prob 0 for NumberLine) so that SFT teaches it to see and to answer in
   format, and RL teaches it to act; the paper's SFT data has the oracle's actions.
 - Tiny-model defaults differ from the paper's (lr 1e-4, clip 0.2, grad-norm 0.5, 16 envs x 8 steps,
-  3,072 env steps, and RL trains all weights instead of LoRA adapters: on three seeds this learned
-  more steadily than LoRA here); `--preset paper` restores §2 of the paper's settings. The logic
+  3,072 env steps, and RL trains all weights instead of LoRA adapters: measured here, all weights
+  (three seeds) learned more steadily than LoRA (two seeds); see the README); `--preset paper` restores §2 of the paper's settings. The logic
   (lambda split, GAE, clipped PPO) is the same either way.
 - Truncation (NumberLine's 10-move limit, the points games' formula cap) ends the episode like a
   termination: it is part of those games' rules and is scored as a loss, so nothing is bootstrapped.
