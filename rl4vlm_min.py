@@ -26,9 +26,10 @@ Deviations from the paper, each on purpose:
   random actions (--sft-oracle-prob 0 for NumberLine) so that SFT teaches it to see and to answer in
   format, and RL teaches it to act; the paper's SFT data has the oracle's actions.
 - Tiny-model defaults differ from the paper's (lr 1e-4, clip 0.2, grad-norm 0.5, 16 envs x 8 steps,
-  3,072 env steps, and RL trains all weights instead of LoRA adapters: measured here, all weights
-  (three seeds) learned more steadily than LoRA (two seeds); see the README); `--preset paper` restores §2 of the paper's settings. The logic
-  (lambda split, GAE, clipped PPO) is the same either way.
+  3,072 env steps, RL on all weights instead of LoRA adapters, and CleanRL's early stop at approx_kl
+  0.1, which the paper does not use: measured here, it stopped the bursts of unreadable answers that
+  single large updates caused; see the README); `--preset paper` restores §2 of the paper's settings.
+  The logic (lambda split, GAE, clipped PPO) is the same either way.
 - Truncation (NumberLine's 10-move limit, the points games' formula cap) ends the episode like a
   termination: it is part of those games' rules and is scored as a loss, so nothing is bootstrapped.
 - The official code's defects are not repeated: the thought/action split comes from character
@@ -91,6 +92,7 @@ class Args:
     ent_coef: float = field(default=0.0, metadata={"help": "entropy bonus (mean per answer token)"})
     vf_coef: float = field(default=0.5, metadata={"help": "value-loss coefficient"})
     max_grad_norm: float = field(default=0.5, metadata={"help": "global gradient-norm clip"})
+    target_kl: float = field(default=0.1, metadata={"help": "end an update early once a minibatch's approx_kl exceeds this (0 = never)"})
     # model
     lora_rank: int = field(default=0, metadata={"help": "LoRA rank of the RL phase (SFT trains all weights); 0 = RL trains all weights too"})
     lora_alpha: float = field(default=64.0, metadata={"help": "LoRA scale is alpha / rank"})
@@ -99,10 +101,10 @@ class Args:
     lora_in_sft: bool = field(default=False, metadata={"help": "add LoRA before SFT so SFT trains the adapters too (a full fine-tune of a 7B model does not fit one GPU)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass: less memory, more compute"})
     # SFT warm start
-    sft_steps: int = field(default=400, metadata={"help": "supervised warm-start steps before RL (0 = none)"})
-    sft_batch_size: int = field(default=32, metadata={"help": "answers per SFT step"})
+    sft_steps: int = field(default=500, metadata={"help": "supervised warm-start steps before RL (0 = none)"})
+    sft_batch_size: int = field(default=16, metadata={"help": "answers per SFT step"})
     sft_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the SFT warm start"})
-    sft_readout_steps: int = field(default=150, metadata={"help": "first SFT steps train the read-out alone (answers hold only the thoughts): the tiny model learns to see first"})
+    sft_readout_steps: int = field(default=-1, metadata={"help": "first SFT steps train the read-out alone (answers hold only the thoughts): the tiny model learns to see first; -1 = half of --sft-steps"})
     sft_oracle_prob: float = field(default=-1.0, metadata={"help": "chance that an SFT answer's action is the oracle's (else uniform random); -1 = the task's default"})
     # evaluation and output
     eval_episodes: int = field(default=200, metadata={"help": "episodes per evaluation, on fixed seeds disjoint from training"})
@@ -115,6 +117,8 @@ class Args:
         self.output_dir = self.output_dir or f"runs/{self.task}-seed{self.seed}"
         if self.sft_oracle_prob < 0:
             self.sft_oracle_prob = SFT_ORACLE_PROB[self.task]
+        if self.sft_readout_steps < 0:
+            self.sft_readout_steps = self.sft_steps // 2
         self.batch_size = self.num_envs * self.num_steps                      # B
         # --total-steps counts env steps over all workers (bad sizes are reported in parse_args)
         self.num_updates = max(self.total_steps // max(self.batch_size * WORLD, 1), 1)
@@ -127,7 +131,7 @@ SFT_ORACLE_PROB = {"numberline": 0.0, "ezpoints": 0.5, "points24": 0.5, "blackja
 # §2 of the paper (RL4VLM facts). Steps per update: 512 (NumberLine, Blackjack) or 1024 (points games).
 PAPER_PRESET = dict(temperature=0.2, thought_coef=0.5, clip_coef=0.1, gamma=0.9, gae_lambda=0.95, update_epochs=4,
                     max_grad_norm=0.01, learning_rate=1e-5, lora_rank=128, lora_alpha=256.0, lora_dropout=0.05,
-                    lora_targets="all-linear", minibatch_size=128, micro_batch_size=4, max_new_tokens=256,
+                    lora_targets="all-linear", minibatch_size=128, micro_batch_size=4, max_new_tokens=256, target_kl=0.0,
                     total_steps=15000, num_envs=4, ent_coef=0.0, lora_in_sft=True, gradient_checkpointing=True)
 
 
@@ -196,8 +200,8 @@ def resumed_args(args, given):
 
 # ---- PROMPTS: one single-turn prompt per step; what is in the image stays out of the text ----
 GAME_RULES = {
-    "numberline": "You are playing NumberLine. The image shows a target number and a current number, both from 0 to 5. "
-                  "Each move changes the current number by one. Reach the target in as few moves as possible.",
+    "numberline": "You are playing NumberLine. The image shows a target and a current number from 0 to 5; each move "
+                  "adds or subtracts one. Reach the target.",
     "ezpoints": "You are playing EZPoints. The image shows two playing cards; J, Q and K count as 10. Write a formula "
                 "that uses the number of each card once and equals 12, one number or operator per move, then choose = .",
     "points24": "You are playing Points24. The image shows four playing cards; A counts as 1 and J, Q and K as 10. "
@@ -271,21 +275,22 @@ def parse_action(text, action_names, rng=None):
 TINY_TEMPLATE = ("{% for m in messages %}{{ m['role'] | upper }}: {% for c in m['content'] %}"
                  "{% if c['type'] == 'image' %}{{ '<image>\n' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
                  "{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
-TINY_SPLIT = r" ?[A-Za-z]+| ?\d+|\s|[^\w\s]"      # word-level pieces; a leading space sticks to its word
+TINY_SPLIT = r" ?[A-Za-z]+| ?\d+| ?[^\w\s]|\s"     # word-level pieces; a leading space sticks to what follows
 
 
 def tiny_corpus():
-    """Every text the tiny model must tokenize: all prompts, all answers, the chat template's words."""
-    texts = ["USER: ASSISTANT: \n", " ".join(str(i) for i in range(40))]
+    """Every text the tiny model must tokenize: prompts and answers of random states, the chat template's words."""
+    texts, rng = ["USER: ASSISTANT: \n", " ".join(str(i) for i in range(40))], np.random.default_rng(0)
     for task, cls in envs.TASKS.items():
         env = cls()
-        for seed in range(100):     # 20 seeds already give every word (measured: the same 169 as 300 seeds)
+        texts.append(" ".join(cls.action_names))        # every action after a space, as formulas write them
+        for seed in range(100):
             _, info = env.reset(seed=seed)
-            for _ in range(4):
+            for _ in range(4):      # a few random moves: formulas and Blackjack totals of later steps
                 for cot in (True, False):
                     texts.append(build_prompt(task, info, cls.action_names, cot))
                     texts += [answer_text(task, info, a, cot) for a in cls.action_names]
-                _, _, term, trunc, info = env.step(env.oracle())
+                _, _, term, trunc, info = env.step(int(rng.integers(len(cls.action_names))))
                 if term or trunc:
                     break
     return "\n".join(texts)
@@ -591,7 +596,7 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
     b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)      # (B,)
     params = [p for p in policy.parameters() if p.requires_grad]
     stats = dict(pg_loss=[], v_loss=[], entropy=[], approx_kl=[], clipfrac=[], grad_norm=[])
-    first_ratio = None
+    first_ratio, too_far = None, False
     policy.train()
     for epoch in range(args.update_epochs):
         b_inds = torch.randperm(args.batch_size, generator=generator)
@@ -628,16 +633,25 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
                 (loss * len(inds) / args.minibatch_size).backward()
                 for key, val in (("pg_loss", pg_loss), ("v_loss", v_loss), ("entropy", entropy.mean())):
                     stats[key].append(val.item())
+            # CleanRL's early stop: the policy already moved this far from the rollout's, so no further steps
+            # (the mean over workers, so that every worker stops at the same step)
+            mb_kl = np.mean(gather(float(np.mean(stats["approx_kl"][-(args.minibatch_size // args.micro_batch_size):]))))
+            too_far = args.target_kl > 0 and mb_kl > args.target_kl and len(stats["grad_norm"]) > 0
+            if too_far:
+                break
             average_gradients(params)       # data parallel: the mean over workers (nothing without torchrun)
             grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             check_finite("the gradient norm", grad_norm, f"update {update}, epoch {epoch}")
             stats["grad_norm"].append(grad_norm.item())
             optimizer.step()
+        if too_far:
+            break
     y_pred, y_true = b_values.numpy(), b_returns.numpy()
     var_y = np.var(y_true)
     out = {k: float(np.mean(v)) for k, v in stats.items()}
     out["explained_var"] = float("nan") if var_y == 0 else float(1 - np.var(y_true - y_pred) / var_y)
     out["first_ratio_dev"] = float((first_ratio - 1).abs().max())
+    out["optimizer_steps"] = len(stats["grad_norm"])
     return out
 
 

@@ -317,6 +317,24 @@ def test_tiny_model_is_deterministic_and_round_trips(tiny, tmp_path):
     assert processor.tokenizer.decode(processor.tokenizer(text, add_special_tokens=False).input_ids) == text
 
 
+def test_tiny_vocabulary_covers_every_prompt_and_answer(tiny):
+    tok = tiny[1].tokenizer
+    rng = np.random.default_rng(7)
+    for task, cls in envs.TASKS.items():
+        env = cls()
+        for seed in range(5000, 5030):      # seeds the corpus never saw
+            _, info = env.reset(seed=seed)
+            for _ in range(8):
+                texts = [R.build_prompt(task, info, cls.action_names, cot) for cot in (True, False)]
+                texts += [R.answer_text(task, info, a, True) for a in cls.action_names]
+                for text in texts:
+                    ids = tok(text, add_special_tokens=False).input_ids
+                    assert tok.unk_token_id not in ids, (task, text)
+                _, _, term, trunc, info = env.step(int(rng.integers(len(cls.action_names))))
+                if term or trunc:
+                    break
+
+
 def test_prompt_keeps_image_state_out_of_text():
     nl = R.build_prompt("numberline", {"Target": 4, "Current": 1}, NumberLine.action_names, True)
     assert "4" not in nl and "1" not in nl and '"-", "+"' in nl and nl.index("thoughts") < nl.index('"action"')
@@ -330,7 +348,7 @@ def test_prompt_keeps_image_state_out_of_text():
 def test_lambda_split_on_handmade_answer(tiny):
     policy = fresh_policy(tiny, thought_coef=0.0)
     tok = policy.processor.tokenizer
-    thought, action = '{"thoughts": "current is 1, target is 3", ', '"action": "+"}'
+    thought, action = '{"thoughts": "current is 1, target is 3",', ' "action": "+"}'     # ' "' is one token
     ids = tok(thought + action, add_special_tokens=False).input_ids + [tok.eos_token_id]
     n_thought = len(tok(thought, add_special_tokens=False).input_ids)
     weights = policy.token_weights(ids)
@@ -402,28 +420,41 @@ def small_args(tmp, *extra):
                          "--total-steps", "16", "--sft-steps", "2", "--eval-episodes", "4", "--output-dir", str(tmp), *extra])
 
 
-def test_ratio_is_one_on_first_minibatch(tiny, tmp_path):
-    args = small_args(tmp_path, "--update-epochs", "1", "--minibatch-size", "16", "--micro-batch-size", "16")
-    policy = fresh_policy(tiny)
-    rng = np.random.default_rng(0)
+def one_rollout(policy, args, rng):
+    """One rollout of 4 NumberLine envs and its GAE: (data, advantages, returns)."""
     vec = dict(envs=[NumberLine() for _ in range(4)], ep_return=[0.0] * 4, ep_len=[0] * 4)
     first = [env.reset(seed=i) for i, env in enumerate(vec["envs"])]
     vec["obs"], vec["infos"] = [o for o, _ in first], [i for _, i in first]
     data = R.rollout(policy, vec, args, rng, [])
-    adv, ret = R.compute_gae(data["rewards"], data["values"], data["dones"], data["next_value"], 0.9, 0.95)
+    return (data, *R.compute_gae(data["rewards"], data["values"], data["dones"], data["next_value"], 0.9, 0.95))
+
+
+def test_ratio_is_one_on_first_minibatch(tiny, tmp_path):
+    args = small_args(tmp_path, "--update-epochs", "1", "--minibatch-size", "16", "--micro-batch-size", "16")
+    policy = fresh_policy(tiny)
+    data, adv, ret = one_rollout(policy, args, np.random.default_rng(0))
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
     stats = R.ppo_update(policy, optimizer, data, adv, ret, args, torch.Generator().manual_seed(0), update=1)
     assert stats["first_ratio_dev"] < 1e-4 and abs(stats["approx_kl"]) < 1e-7 and stats["clipfrac"] == 0
 
 
+def test_target_kl_ends_the_update_early(tiny, tmp_path):
+    steps = []
+    for target_kl in ("0", "1e-6"):         # 2 epochs x 2 minibatches = 4 optimizer steps, unless stopped
+        args = small_args(tmp_path, "--update-epochs", "2", "--minibatch-size", "8", "--micro-batch-size", "8",
+                          "--target-kl", target_kl)
+        policy = fresh_policy(tiny)
+        data, adv, ret = one_rollout(policy, args, np.random.default_rng(0))
+        optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-3)
+        stats = R.ppo_update(policy, optimizer, data, adv, ret, args, torch.Generator().manual_seed(0), update=1)
+        steps.append(stats["optimizer_steps"])
+    assert steps == [4, 1]      # the second minibatch already sees the first step's change
+
+
 def test_nan_stops_the_update_with_a_message(tiny, tmp_path):
     args = small_args(tmp_path)
     policy = fresh_policy(tiny)
-    vec = dict(envs=[NumberLine() for _ in range(4)], ep_return=[0.0] * 4, ep_len=[0] * 4)
-    first = [env.reset(seed=i) for i, env in enumerate(vec["envs"])]
-    vec["obs"], vec["infos"] = [o for o, _ in first], [i for _, i in first]
-    data = R.rollout(policy, vec, args, np.random.default_rng(0), [])
-    adv, ret = R.compute_gae(data["rewards"], data["values"], data["dones"], data["next_value"], 0.9, 0.95)
+    data, adv, ret = one_rollout(policy, args, np.random.default_rng(0))
     with torch.no_grad():
         policy.value_head[-1].bias.fill_(float("nan"))
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
