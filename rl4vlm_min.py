@@ -31,9 +31,14 @@ Deviations from the paper, each on purpose:
   §2 of the paper's settings. The logic (lambda split, GAE, clipped PPO) is the same either way.
 - Truncation (NumberLine's 10-move limit, the points games' formula cap) ends the episode like a
   termination: it is part of those games' rules and is scored as a loss, so nothing is bootstrapped.
+- LoRA dropout acts in SFT only. RL samples, scores the old log-probs and runs the update with dropout
+  off, so old and new log-probs come from one function and the first minibatch's ratio is exactly 1
+  on every update (the official code sampled with dropout on; TRL's PPO also turns dropout off).
+- generate() gets every sampling setting from the run (Policy.sampling_config); a checkpoint's own
+  generation_config (a repetition penalty, top-k) is dropped at load, since score() would not apply it.
 - The official code's defects are not repeated: the thought/action split comes from character
-  offsets (not hard-coded token ids), every sample is re-scored with its own prompt, LoRA dropout
-  is off while sampling, prompts are batched with left padding, and checkpoints and evaluation exist.
+  offsets (not hard-coded token ids), every sample is re-scored with its own prompt, prompts are
+  batched with left padding, and checkpoints and evaluation exist.
 """
 import dataclasses
 import json
@@ -94,7 +99,7 @@ class Args:
     # model
     lora_rank: int = field(default=0, metadata={"help": "LoRA rank of the RL phase (SFT trains all weights); 0 = RL trains all weights too"})
     lora_alpha: float = field(default=64.0, metadata={"help": "LoRA scale is alpha / rank"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input while training (off when sampling)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input in SFT (RL runs with dropout off, see set_trainable)"})
     lora_targets: Literal["language", "all-linear"] = field(default="language", metadata={"help": "LoRA on the LM's attention+MLP projections, or on every linear layer (the paper)"})
     lora_in_sft: bool = field(default=False, metadata={"help": "add LoRA before SFT so SFT trains the adapters too (a full fine-tune of a 7B model does not fit one GPU)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass: less memory, more compute"})
@@ -294,6 +299,10 @@ def tiny_corpus():
     return "\n".join(texts)
 
 
+TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   image_size=64, patch_size=16)
+
+
 def build_tiny_model(path, seed):
     """A 0.5M-parameter LLaVA (CLIP-style tower + Llama-style LM) with a word-level tokenizer, saved to `path`
     with save_pretrained so that it is loaded back exactly like a real checkpoint. Same seed, same model."""
@@ -309,14 +318,14 @@ def build_tiny_model(path, seed):
         padding_side="left", extra_special_tokens={"image_token": "<image>"})
     # White maps to 0 (mean 1, std 0.5): with CLIP's usual mean/std the white background dominates every
     # patch and the tiny tower cannot tell the digits apart (measured while building this).
-    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
+    px, patch = TINY_VISION["image_size"], TINY_VISION["patch_size"]
+    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": px}, crop_size={"height": px, "width": px},
                                                       image_mean=[1.0] * 3, image_std=[0.5] * 3)
-    processor = transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=16,
+    processor = transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
                                             vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                             chat_template=TINY_TEMPLATE)
     config = transformers.LlavaConfig(
-        vision_config=transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                    num_attention_heads=4, image_size=64, patch_size=16),
+        vision_config=transformers.CLIPVisionConfig(**TINY_VISION),
         text_config=transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                              num_attention_heads=4, num_key_value_heads=4, vocab_size=len(vocab),
                                              max_position_embeddings=1024, pad_token_id=0, bos_token_id=2, eos_token_id=3),
@@ -329,41 +338,53 @@ def build_tiny_model(path, seed):
     return path
 
 
-# The only family-specific code. `processor` / `model`: from_pretrained overrides that keep a 300x300 frame one
-# bounded view (the paper's single 336-px view is 576 tokens) instead of tiling it; `mrope`: the model builds its
-# own 3-D positions from the image grid (we must not pass 1-D position ids). Token counts: tiny checkpoints, tests.
-FAMILIES = {
-    "llava": dict(processor={}, model={}, mrope=False),                       # LLaVA-1.5: one view, 576 tokens
-    "llava_next": dict(processor={"image_grid_pinpoints": [[336, 336]]},       # LLaVA-1.6: base view + one tile
-                       model={"image_grid_pinpoints": [[336, 336]]}, mrope=False),   # (1176), not up to 4 tiles
-    "llava_onevision": dict(processor={"image_grid_pinpoints": [[384, 384]]},  # base + one tile (1485), not 36
-                            model={"image_grid_pinpoints": [[384, 384]]}, mrope=False),
-    "qwen2_vl": dict(processor={"size": {"shortest_edge": 56 * 56, "longest_edge": 300 * 300}}, model={}, mrope=True),
-    "qwen2_5_vl": dict(processor={"size": {"shortest_edge": 56 * 56, "longest_edge": 300 * 300}}, model={}, mrope=True),
-    "idefics3": dict(processor={"do_image_splitting": False}, model={}, mrope=False),   # one crop (169), not 17
-    "smolvlm": dict(processor={"do_image_splitting": False}, model={}, mrope=False),    # one crop (64), not 17
-}
+# The only family-specific code: from_pretrained overrides that keep a 300x300 frame one bounded view (the
+# paper's single 336-px view is 576 tokens) instead of tiling it, each derived from the checkpoint's own
+# configuration (no pixel size of one checkpoint); and `mrope`: the model builds its own 3-D positions
+# from the image grid (we must not pass 1-D position ids). Image tokens per frame: see the README.
+def family_bounds(config, name, trust_remote_code):
+    """(processor kwargs, model kwargs, mrope) for the checkpoint `name` with this config."""
+    kind = config.model_type
+    if kind in ("llava_next", "llava_onevision"):       # any-resolution tiling: allow one tile of the
+        side = config.vision_config.image_size          # tower's own size (base view + 1 tile, not 4-36)
+        return {"image_grid_pinpoints": [[side, side]]}, {"image_grid_pinpoints": [[side, side]]}, False
+    if kind in ("qwen2_vl", "qwen2_5_vl"):              # never more pixels than the frame has
+        size = transformers.AutoImageProcessor.from_pretrained(name, trust_remote_code=trust_remote_code).size
+        pixels = envs.SIZE * envs.SIZE
+        return {"size": {"shortest_edge": min(size["shortest_edge"], pixels), "longest_edge": pixels}}, {}, True
+    if kind in ("idefics3", "smolvlm"):                 # one resized crop, not a grid of crops
+        return {"do_image_splitting": False}, {}, False
+    return {}, {}, False                                # LLaVA-1.5 and others: one view as they are
+
+
+TESTED_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm")
 
 
 def load_model(name, device, dtype, trust_remote_code=False):
     """The same Auto calls for the tiny model and for real checkpoints, with the family's bounds applied."""
     try:
-        model_type = transformers.AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).model_type
-        family = FAMILIES.get(model_type, dict(processor={}, model={}, mrope=False))
-        processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code, **family["processor"])
+        config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model_type, (processor_kw, model_kw, mrope) = config.model_type, family_bounds(config, name, trust_remote_code)
+        processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code, **processor_kw)
         vlm = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                          **family["model"]).to(device)
+                                                          **model_kw).to(device)
     except (OSError, ValueError) as e:
         fail(f"cannot load --model {name!r} as an image-text-to-text model ({str(e).splitlines()[0][:200]}); "
              "pass 'tiny', a local checkpoint directory or a Hugging Face id")
-    if model_type not in FAMILIES:
-        print(f"note: model type {model_type!r} is not among the tested families {sorted(FAMILIES)}; trying it as is")
+    if model_type not in TESTED_FAMILIES:
+        print(f"note: model type {model_type!r} is not among the tested families {TESTED_FAMILIES}; trying it as is")
     if getattr(processor, "image_processor", None) is None or not hasattr(processor, "tokenizer"):
         fail(f"--model {name!r} has a processor that cannot take an image; pass an image-text-to-text checkpoint")
     if getattr(processor, "chat_template", None) is None:
         fail(f"--model {name!r} has no chat template; use a chat/instruct checkpoint or add one to its processor")
     processor.tokenizer.padding_side = "left"     # prompts are left-padded so that every answer starts at column P
-    vlm.mrope = family["mrope"]
+    vlm.mrope = mrope
+    # Sampling settings a checkpoint ships (a repetition penalty, top-k, ...) would make generate() sample from
+    # another policy than the one Policy.score() scores: PPO silently off-policy. Keep only the token ids;
+    # Policy.sampling_config() gives every sampling setting explicitly.
+    tok = processor.tokenizer
+    vlm.generation_config = transformers.GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                                          pad_token_id=tok.pad_token_id)
     return processor, vlm
 
 
@@ -438,13 +459,22 @@ class Policy(nn.Module):
         batch = self.processor(images=[[f] for f in frames], text=list(prompts), padding=True, return_tensors="pt")
         return {k: v.to(self.device()) for k, v in batch.items()}
 
+    def sampling_config(self, greedy, max_new_tokens):
+        """Every setting of generate(), explicit: plain sampling at self.temperature (or greedy), nothing that
+        score() does not apply: no top-k, top-p, min-p, typical-p or repetition penalty, whatever the checkpoint."""
+        sampling = dict(do_sample=False) if greedy else dict(
+            do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0,
+            eta_cutoff=0.0)
+        return transformers.GenerationConfig(
+            **sampling, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, num_beams=1,
+            max_new_tokens=max_new_tokens, suppress_tokens=self.banned or None, pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id)
+
     def generate(self, frames, prompts, greedy, max_new_tokens):
         """One batched generate for all envs. Returns the answer token ids per env, each ending at EOS (included)."""
         batch = self.encode_prompts(frames, prompts)
-        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0)
         with torch.no_grad():
-            seqs = self.vlm.generate(**batch, **sampling, max_new_tokens=max_new_tokens, suppress_tokens=self.banned or None,
-                                     pad_token_id=self.pad_id, eos_token_id=self.eos_id)
+            seqs = self.vlm.generate(**batch, generation_config=self.sampling_config(greedy, max_new_tokens))
         answers = []
         for row in seqs[:, batch["input_ids"].shape[1]:].tolist():             # (B, A) -> lists
             answers.append(row[: row.index(self.eos_id) + 1] if self.eos_id in row else row)
@@ -665,8 +695,11 @@ def sft_answers(task, env, rng, n, oracle_prob, cot, tokenizer, readout_only=Fal
 
 def sft_warm_start(policy, args, rng):
     env, tok = envs.TASKS[args.task](), policy.processor.tokenizer
-    params = [p for p in policy.vlm.parameters() if p.requires_grad]
+    params = set_trainable(policy, args, "sft")
     optimizer = torch.optim.Adam(params, lr=args.sft_lr)
+    # 16 states of its own for the read-out check (not the batch just trained on), from a generator of its own
+    check = sft_answers(args.task, env, np.random.default_rng(args.seed + 10**6), 16, 0.0, args.cot, tok)
+    check_prompts = task_prompts(policy.processor, args.task, [info for _, info, _ in check], args.cot)
     policy.train()
     for step in range(1, args.sft_steps + 1):
         data = sft_answers(args.task, env, rng, args.sft_batch_size, args.sft_oracle_prob, args.cot, tok,
@@ -687,9 +720,10 @@ def sft_warm_start(policy, args, rng):
         nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if step % 50 == 0 or step == args.sft_steps:       # read-out accuracy: can the model see yet?
+            policy.eval()                                   # dropout off, as when the model plays
             texts = [tok.decode(a, skip_special_tokens=True) for a in
-                     policy.generate([f for f, _, _ in data[:16]], prompts[:16], True, args.max_new_tokens)]
-            readout = np.mean([thought_text(args.task, info) in t for (_, info, _), t in zip(data, texts)])
+                     policy.generate([f for f, _, _ in check], check_prompts, True, args.max_new_tokens)]
+            readout = np.mean([thought_text(args.task, info) in t for (_, info, _), t in zip(check, texts)])
             print(f"sft step {step:4d}/{args.sft_steps} | loss {loss:.3f} | read-out (greedy) {readout:.2f}", flush=True)
             policy.train()
 
@@ -986,20 +1020,41 @@ def setup(args):
     return policy, rng, generator
 
 
-def add_adapters(policy, args):
-    n = add_lora(policy.vlm, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
-    broadcast_weights(policy)
-    print(f"LoRA rank {args.lora_rank} on {n} linear layers ({args.lora_targets}); the rest of the VLM is frozen", flush=True)
+def set_trainable(policy, args, phase):
+    """The one place that decides what trains, called at the start of SFT ("sft") and of RL ("rl") by train()
+    and by the notebook alike. --lora-rank 0: every weight, in both phases. --lora-in-sft: LoRA adapters added
+    before SFT, and only they (and the value head) train in both phases. --lora-rank R without it: SFT trains
+    every weight, the adapters are added before RL. Returns the parameters that train."""
+    lora_now = args.lora_rank > 0 and (phase == "rl" or args.lora_in_sft)
+    if lora_now and not any(isinstance(m, LoRALinear) for m in policy.vlm.modules()):
+        add_lora(policy.vlm, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+        broadcast_weights(policy)       # data parallel: every worker starts from rank 0's adapters
+    if phase == "rl":
+        # The rollout scores old log-probs and values with dropout off (eval mode); the update must score them
+        # with the same function, or the first minibatch's ratio is not 1 (TRL's PPO turns dropout off too).
+        for m in policy.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+            if isinstance(getattr(m, "attention_dropout", None), float):
+                m.attention_dropout = 0.0
+    module = policy if phase == "rl" else policy.vlm           # the value head trains in RL only
+    params = [p for p in module.parameters() if p.requires_grad]
+    where = {}
+    for name, m in policy.vlm.named_modules():
+        if isinstance(m, LoRALinear):
+            part = ".".join(n for n in name.split(".")[:2] if n != "model")
+            where[part] = where.get(part, 0) + 1
+    adapters = ", ".join(f"{n} in {part}" for part, n in where.items())
+    print(f"{phase.upper()} trains {sum(p.numel() for p in params):,} parameters"
+          + (f" (value head included)" if phase == "rl" else "")
+          + (f": LoRA rank {args.lora_rank} adapters on {sum(where.values())} linear layers ({adapters}), the rest "
+             "of the VLM frozen" if where else ": every weight of the VLM"), flush=True)
+    return params
 
 
 def start_rl(policy, args):
-    """SFT trains all weights; RL goes on training all of them (--lora-rank 0, the default), or LoRA adapters
-    added now (--lora-rank R), or the adapters SFT already trained (--lora-in-sft)."""
-    if args.lora_rank > 0 and not args.lora_in_sft:
-        add_adapters(policy, args)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    print(f"RL trains {sum(p.numel() for p in params) / 1e6:.2f}M parameters (with the value head)", flush=True)
-    return torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
+    """What trains in RL (set_trainable) and its optimizer."""
+    return torch.optim.Adam(set_trainable(policy, args, "rl"), lr=args.learning_rate, eps=1e-5)
 
 
 def ppo_loop(policy, optimizer, args, rng, generator):
@@ -1064,8 +1119,6 @@ def print_table(args, before, after, baselines):
 def train(args):
     t0 = time.time()
     policy, rng, generator = setup(args)
-    if args.lora_rank > 0 and args.lora_in_sft:
-        add_adapters(policy, args)
     if args.dry_run:
         return dry_run(policy, args, rng, generator)
     before_path = os.path.join(args.output_dir, "before_rl.json")

@@ -5,9 +5,9 @@ vision: hidden 32, 2 layers; a few hundred KB) with transformers' real model / p
 processor a chat template shaped like the family's real one, and saves model + processor with
 `save_pretrained(path)`, so that it loads back with `AutoProcessor` / `AutoModelForImageTextToText`.
 
-Only the *widths* are tiny: image sizes, patch sizes, anyres pinpoints, merge sizes and `image_seq_len`
-are those of the real checkpoints, so the number of image tokens per frame equals the real model's
-(e.g. 576 for llava-1.5, 1176 for a 300x300 frame in llava-v1.6-mistral).
+Image sizes and patch sizes are tiny too, and unlike any real checkpoint's (LLaVA-NeXT: a 32-px CLIP
+tower with patch 8 and 32-64 px pinpoints, not 336/14), so that code which hard-codes one real
+checkpoint's pixel sizes fails on them instead of passing by accident.
 
 Tokenizers are built in code: a byte-level BPE without merges (each UTF-8 byte is a token, so any text
 tokenizes) plus the family's special tokens, wrapped in `PreTrainedTokenizerFast`. No network access.
@@ -146,28 +146,31 @@ def _finish(model, processor, path):
 
 
 # --------------------------------------------------------------------------------------------------
-# Family builders: each returns (model, processor). Vision geometry = real checkpoint's.
+# Family builders: each returns (model, processor). Vision geometry: tiny, unlike the real checkpoints'.
 # --------------------------------------------------------------------------------------------------
 
 
 def _llava(anyres: bool):
-    """llava-1.5 (CLIP-L/14-336 + Llama) or llava-v1.6-mistral (same vision, Mistral text, anyres)."""
+    """llava-1.5 (CLIP + Llama) or llava-v1.6-mistral (CLIP, Mistral text, anyres); real: 336 px, patch 14.
+    Tiny: llava-1.5 at 56 px / patch 14 (16 tokens), llava-next at 32 px / patch 8 (16 tokens a tile)."""
+    side, patch = (32, 8) if anyres else (56, 14)
     tok = _tokenizer(["<image>"], bos="<s>", eos="</s>", pad="<pad>", prepend_bos=True)
-    vision = transformers.CLIPVisionConfig(**VISION, image_size=336, patch_size=14)
+    vision = transformers.CLIPVisionConfig(**VISION, image_size=side, patch_size=patch)
     text_cls = transformers.MistralConfig if anyres else transformers.LlamaConfig
     text = text_cls(**TEXT, **_ids(tok, bos="<s>", eos="</s>", pad="<pad>"))
     common = dict(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                  vision_feature_select_strategy="default", vision_feature_layer=-2, image_seq_length=576)
-    # CLIP has a CLS token (+1) which the "default" strategy drops again (-1): 24*24 = 576 tokens per tile.
-    proc_kw = dict(tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                  vision_feature_select_strategy="default", vision_feature_layer=-2,
+                  image_seq_length=(side // patch) ** 2)
+    # CLIP has a CLS token (+1) which the "default" strategy drops again (-1): (side/patch)^2 tokens per tile.
+    proc_kw = dict(tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default",
                    num_additional_image_tokens=1)
-    ip_kw = dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    ip_kw = dict(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     if not anyres:
         model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(**common))
         processor = transformers.LlavaProcessor(
             image_processor=transformers.LlavaImageProcessor(**ip_kw), chat_template=LLAVA_TEMPLATE, **proc_kw)
         return model, processor
-    pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    pinpoints = [[side, 2 * side], [2 * side, side], [2 * side, 2 * side]]   # real: 336..1008 px
     model = transformers.LlavaNextForConditionalGeneration(
         transformers.LlavaNextConfig(**common, image_grid_pinpoints=pinpoints))
     processor = transformers.LlavaNextProcessor(
@@ -177,34 +180,38 @@ def _llava(anyres: bool):
 
 
 def _llava_onevision():
-    """llava-onevision-qwen2 (SigLIP-so400m/14-384 without head + Qwen2 text, anyres_max_9)."""
+    """llava-onevision-qwen2 (SigLIP without head + Qwen2 text, anyres_max_9); real: 384 px, patch 14.
+    Tiny: 48 px / patch 8 (36 tokens a tile), pinpoints the real grid's 1..6 x 1..6 tiles of 48 px."""
+    side, patch = 48, 8
+    pinpoints = [[side * i, side * j] for i in range(1, 7) for j in range(1, 7)]
     tok = _tokenizer(["<|im_start|>", "<image>", "<video>"], eos="<|im_end|>", pad="<|endoftext|>")
-    vision = transformers.SiglipVisionConfig(**VISION, image_size=384, patch_size=14, vision_use_head=False)
+    vision = transformers.SiglipVisionConfig(**VISION, image_size=side, patch_size=patch, vision_use_head=False)
     text = transformers.Qwen2Config(**TEXT, **_ids(tok, eos="<|im_end|>", pad="<|endoftext|>"))
     config = transformers.LlavaOnevisionConfig(
         vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
         video_token_index=tok.convert_tokens_to_ids("<video>"), vision_feature_select_strategy="full",
-        vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9")  # default pinpoints: 384..2304 grid
+        vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9", image_grid_pinpoints=pinpoints)
     model = transformers.LlavaOnevisionForConditionalGeneration(config)
     processor = transformers.LlavaOnevisionProcessor(
-        image_processor=transformers.LlavaOnevisionImageProcessor(image_grid_pinpoints=config.image_grid_pinpoints),
+        image_processor=transformers.LlavaOnevisionImageProcessor(
+            image_grid_pinpoints=pinpoints, size={"height": side, "width": side}),
         video_processor=transformers.LlavaOnevisionVideoProcessor(),
-        tokenizer=tok, num_image_tokens=27 * 27, vision_feature_select_strategy="full",
+        tokenizer=tok, num_image_tokens=(side // patch) ** 2, vision_feature_select_strategy="full",
         vision_aspect_ratio="anyres_max_9", chat_template=LLAVA_ONEVISION_TEMPLATE)
     return model, processor
 
 
 def _qwen_vl(v2_5: bool):
-    """Qwen2-VL / Qwen2.5-VL (patch 14, 2x2 merge, temporal patch 2; M-RoPE text)."""
+    """Qwen2-VL / Qwen2.5-VL (2x2 merge, temporal patch 2; M-RoPE text); real patch 14, tiny patch 16."""
     specials = ["<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
     tok = _tokenizer(specials, eos="<|im_end|>", pad="<|endoftext|>")
     text = dict(**TEXT, **_ids(tok, eos="<|im_end|>", pad="<|endoftext|>"),
                 # M-RoPE splits the head_dim/2 = 8 rotary frequencies into (temporal, height, width)
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
-    grid = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    grid = dict(patch_size=16, spatial_merge_size=2, temporal_patch_size=2)
     if v2_5:
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TEXT["hidden_size"],
-                      window_size=112, fullatt_block_indexes=[1], tokens_per_second=2, **grid)
+                      window_size=128, fullatt_block_indexes=[1], tokens_per_second=2, **grid)
         config_cls, model_cls, proc_cls = (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration,
                                            transformers.Qwen2_5_VLProcessor)
     else:
@@ -215,25 +222,26 @@ def _qwen_vl(v2_5: bool):
     config = config_cls(text_config=text, vision_config=vision, image_token_id=tid("<|image_pad|>"),
                         video_token_id=tid("<|video_pad|>"), vision_start_token_id=tid("<|vision_start|>"),
                         vision_end_token_id=tid("<|vision_end|>"))
-    processor = proc_cls(image_processor=transformers.Qwen2VLImageProcessor(),  # real min/max pixels defaults
+    processor = proc_cls(image_processor=transformers.Qwen2VLImageProcessor(patch_size=16, merge_size=2),
                          video_processor=transformers.Qwen2VLVideoProcessor(),
                          tokenizer=tok, chat_template=QWEN_VL_TEMPLATE)
     return model_cls(config), processor
 
 
 def _idefics3(smolvlm: bool):
-    """Idefics3-8B (SigLIP 364/14, pixel-shuffle 2 -> 169 tok/crop, Llama-3 text) or
-    SmolVLM-256M-Instruct (SigLIP 512/16, pixel-shuffle 4 -> 64 tok/crop, SmolLM2 = Llama text)."""
+    """Idefics3-8B (real SigLIP 364/14, pixel-shuffle 2 -> 169 tokens a crop; Llama-3 text) or
+    SmolVLM-256M-Instruct (real 512/16, pixel-shuffle 4 -> 64 a crop; SmolLM2 = Llama text).
+    Tiny: 64 px / patch 8 with the same pixel shuffles: 16 and 4 tokens a crop."""
     rows_cols = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
     bos = "<|im_start|>" if smolvlm else "<|begin_of_text|>"
     specials = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *rows_cols]
     tok = _tokenizer(specials, bos=bos, eos="<end_of_utterance>", pad="<|endoftext|>")
-    crop, patch, scale = (512, 16, 4) if smolvlm else (364, 14, 2)
+    crop, patch, scale = (64, 8, 4) if smolvlm else (64, 8, 2)
     image_seq_len = (crop // patch) ** 2 // scale**2
     vision_cls = transformers.SmolVLMVisionConfig if smolvlm else transformers.Idefics3VisionConfig
     vision = vision_cls(**VISION, image_size=crop, patch_size=patch)
     text = transformers.LlamaConfig(**TEXT, **_ids(tok, bos=bos, eos="<end_of_utterance>", pad="<|endoftext|>"))
-    ip_kw = dict(size={"longest_edge": 4 * crop}, max_image_size={"longest_edge": crop})  # real defaults
+    ip_kw = dict(size={"longest_edge": 4 * crop}, max_image_size={"longest_edge": crop})  # as the real ones
     if smolvlm:
         config = transformers.SmolVLMConfig(vision_config=vision, text_config=text, scale_factor=scale,
                                             image_token_id=tok.convert_tokens_to_ids("<image>"))
