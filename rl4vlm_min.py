@@ -29,6 +29,11 @@ Deviations from the paper, each on purpose:
   3,072 env steps, and RL trains all weights instead of LoRA adapters: measured here, all weights
   (three seeds) learned more steadily than LoRA (two seeds); see the README); `--preset paper` restores
   §2 of the paper's settings. The logic (lambda split, GAE, clipped PPO) is the same either way.
+- Two additions for the tiny model (the paper preset has neither): the value head reads the mean of the
+  prompt's final hidden states, detached (the paper: the last prompt token, which the tiny model does not
+  make carry the state); and a KL penalty toward the SFT policy (--kl-coef 0.1, exact over the
+  vocabulary at every answer token, logged as kl_ref), which stopped the bursts of broken answers
+  ("action": "}) that PPO's updates caused (results/EXPERIMENTS.md).
 - Truncation (NumberLine's 10-move limit, the points games' formula cap) ends the episode like a
   termination: it is part of those games' rules and is scored as a loss, so nothing is bootstrapped.
 - LoRA dropout acts in SFT only. RL samples, scores the old log-probs and runs the update with dropout
@@ -40,6 +45,7 @@ Deviations from the paper, each on purpose:
   offsets (not hard-coded token ids), every sample is re-scored with its own prompt, prompts are
   batched with left padding, and checkpoints and evaluation exist.
 """
+import copy
 import dataclasses
 import json
 import math
@@ -94,9 +100,11 @@ class Args:
     micro_batch_size: int = field(default=32, metadata={"help": "samples per forward/backward (gradient accumulation up to minibatch_size)"})
     clip_coef: float = field(default=0.2, metadata={"help": "PPO clip range for the ratio and the value"})
     ent_coef: float = field(default=0.0, metadata={"help": "entropy bonus (mean per answer token)"})
+    kl_coef: float = field(default=0.1, metadata={"help": "weight of KL(policy || reference), exact over the vocabulary, per answer token; the reference is a frozen copy of the model as RL starts (logged as kl_ref; 0 = off, the paper)"})
     vf_coef: float = field(default=0.5, metadata={"help": "value-loss coefficient"})
     max_grad_norm: float = field(default=0.5, metadata={"help": "global gradient-norm clip"})
     # model
+    value_input: Literal["mean", "last"] = field(default="mean", metadata={"help": "what the value head reads: the mean of the prompt's final hidden states (detached), or the last prompt token's (the paper)"})
     lora_rank: int = field(default=0, metadata={"help": "LoRA rank of the RL phase (SFT trains all weights); 0 = RL trains all weights too"})
     lora_alpha: float = field(default=64.0, metadata={"help": "LoRA scale is alpha / rank"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input in SFT (RL runs with dropout off, see set_trainable)"})
@@ -135,7 +143,8 @@ SFT_ORACLE_PROB = {"numberline": 0.0, "ezpoints": 0.5, "points24": 0.5, "blackja
 PAPER_PRESET = dict(temperature=0.2, thought_coef=0.5, clip_coef=0.1, gamma=0.9, gae_lambda=0.95, update_epochs=4,
                     max_grad_norm=0.01, learning_rate=1e-5, lora_rank=128, lora_alpha=256.0, lora_dropout=0.05,
                     lora_targets="all-linear", minibatch_size=128, micro_batch_size=4, max_new_tokens=256,
-                    total_steps=15000, num_envs=4, ent_coef=0.0, lora_in_sft=True, gradient_checkpointing=True)
+                    total_steps=15000, num_envs=4, ent_coef=0.0, lora_in_sft=True, gradient_checkpointing=True,
+                    value_input="last", kl_coef=0.0)
 
 
 def fail(message):
@@ -169,7 +178,7 @@ def parse_args(argv=None):
               (args.batch_size % args.minibatch_size == 0, f"--minibatch-size {args.minibatch_size} must divide the batch "
                f"num_envs*num_steps = {args.batch_size}"),
               (args.minibatch_size % args.micro_batch_size == 0, "--micro-batch-size must divide --minibatch-size"),
-              (args.temperature > 0, "--temperature must be > 0"), (0 <= args.thought_coef <= 1, "--thought-coef must be in [0, 1]"),
+              (args.temperature > 0, "--temperature must be > 0"), (args.kl_coef >= 0, "--kl-coef must be >= 0"), (0 <= args.thought_coef <= 1, "--thought-coef must be in [0, 1]"),
               (0 <= args.sft_oracle_prob <= 1, "--sft-oracle-prob must be in [0, 1] (or -1 for the task default)"),
               (args.lora_rank >= 0 and args.max_new_tokens > 0 and args.eval_episodes > 0 and args.sft_steps >= 0,
                "--lora-rank, --sft-steps must be >= 0; --max-new-tokens, --eval-episodes > 0"),
@@ -434,12 +443,14 @@ def merge_lora(vlm):
 
 
 class Policy(nn.Module):
-    """The VLM (actor) plus a value head (critic) on the final hidden state at the last prompt token (§1)."""
+    """The VLM (actor) plus a value head (critic) on the VLM's final hidden states of the prompt (§1).
+    value_input "last": the last prompt token, as in the paper; "mean": the mean over every prompt token."""
 
-    def __init__(self, vlm, processor, temperature, thought_coef):
+    def __init__(self, vlm, processor, temperature, thought_coef, value_input="last"):
         super().__init__()
         self.vlm, self.processor = vlm, processor
-        self.temperature, self.thought_coef = temperature, thought_coef
+        self.temperature, self.thought_coef, self.value_input = temperature, thought_coef, value_input
+        self.reference = None       # a frozen copy of the VLM when RL starts, if --kl-coef > 0 (start_rl)
         hidden = vlm.config.get_text_config().hidden_size
         device = vlm.get_output_embeddings().weight.device
         # the paper's MLP, kept in fp32 whatever the VLM's dtype
@@ -494,10 +505,12 @@ class Policy(nn.Module):
             lo, hi = (mid + 1, hi) if len(decode(answer_ids[: mid + 1])) <= start else (lo, mid)
         return weights[:lo] + [1.0] * (len(answer_ids) - lo)
 
-    def score(self, frames, prompts, answers, weights, temperature=None):
+    def score(self, frames, prompts, answers, weights, temperature=None, reference=False):
         """The one scoring function (rollout, PPO update and SFT): returns
-        logprob (B,) = sum_t w_t log softmax(logits_t / temperature)[answer_t], value (B,), entropy (B,)."""
+        logprob (B,) = sum_t w_t log softmax(logits_t / temperature)[answer_t], value (B,), entropy (B,) and the
+        next-token log-probabilities logp (B, A, V). reference=True: under the frozen reference VLM (--kl-coef)."""
         temperature = temperature or self.temperature
+        vlm = self.reference if reference else self.vlm
         batch = self.encode_prompts(frames, prompts)
         P, A = batch["input_ids"].shape[1], max(len(a) for a in answers)
         answer_ids = torch.full((len(answers), A), self.eos_id, dtype=torch.long)   # (B, A), right-padded
@@ -511,30 +524,47 @@ class Policy(nn.Module):
         for key in ("mm_token_type_ids", "token_type_ids"):                    # per-token types: answers are text (0)
             if key in batch:
                 batch[key] = torch.cat([batch[key], torch.zeros_like(answer_ids).to(batch[key].dtype)], 1)
-        hidden = self.hidden_states(input_ids, attention_mask, batch)          # (B, T, H)
-        logits = self.vlm.get_output_embeddings()(hidden[:, P - 1: -1]).float() / temperature   # (B, A, V)
+        hidden = self.hidden_states(input_ids, attention_mask, batch, vlm)     # (B, T, H)
+        logits = vlm.get_output_embeddings()(hidden[:, P - 1: -1]).float() / temperature   # (B, A, V)
         if self.banned:
             logits[..., self.banned] = -torch.inf
         logp = logits.log_softmax(-1)                                           # (B, A, V)
         token_logp = logp.gather(-1, answer_ids[..., None])[..., 0]             # (B, A)
         mask = answer_mask.float()
         entropy = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)           # (B, A)
-        value = self.value_head(hidden[:, P - 1].float())[:, 0]                 # (B,)
-        return (token_logp * w).sum(-1), value, (entropy * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        value = self.state_value(hidden[:, :P], attention_mask[:, :P])          # (B,)
+        entropy = (entropy * mask).sum(-1) / mask.sum(-1).clamp(min=1)         # (B,)
+        return (token_logp * w).sum(-1), value, entropy, logp
 
-    def hidden_states(self, input_ids, attention_mask, extra):
+    def hidden_states(self, input_ids, attention_mask, extra, vlm=None):
         """The VLM trunk's final hidden states (B, T, H); positions count real tokens only, as generate() does
         (M-RoPE models build their 3-D positions from the image grid themselves)."""
-        position_ids = None if self.vlm.mrope else (attention_mask.cumsum(-1) - 1).clamp(min=0)   # (B, T)
-        return self.vlm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        vlm = vlm or self.vlm
+        position_ids = None if vlm.mrope else (attention_mask.cumsum(-1) - 1).clamp(min=0)   # (B, T)
+        return vlm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False, **extra).last_hidden_state
+
+    def state_value(self, hidden, prompt_mask):
+        """V(s) from the prompt's final hidden states (B, P, H), never from the answer: the critic's input is
+        the state alone. A 7B model carries the state into its last prompt token (the paper's choice); the tiny
+        model does not (that position precedes the same '{"' in every answer, so SFT gives it no reason to),
+        and its last-token value head gave 0.78-0.81 for all 30 NumberLine states. "mean" reads the mean over
+        the prompt tokens, image tokens included, detached: the value loss trains the head only, since when
+        it also trained the trunk the thoughts' read-out fell to 0.56-0.82 after RL (results/EXPERIMENTS.md)."""
+        if self.value_input == "last":
+            features = hidden[:, -1]                                            # (B, H): left padding
+        else:
+            m = prompt_mask[..., None].to(hidden.dtype)                         # (B, P, 1)
+            features = ((hidden * m).sum(1) / m.sum(1)).detach()                # (B, H)
+        return self.value_head(features.float())[:, 0]                          # (B,)
 
     def value(self, frames, prompts):
         """V(s) alone (for bootstrapping the last step of a rollout)."""
         batch = self.encode_prompts(frames, prompts)
         with torch.no_grad():
-            hidden = self.hidden_states(batch.pop("input_ids"), batch.pop("attention_mask"), batch)   # (B, P, H)
-            return self.value_head(hidden[:, -1].float())[:, 0]
+            mask = batch.pop("attention_mask")
+            hidden = self.hidden_states(batch.pop("input_ids"), mask, batch)  # (B, P, H)
+            return self.state_value(hidden, mask)
 
 
 # ---- ROLLOUT: N envs step together; one batched generate per step ----
@@ -568,7 +598,7 @@ def rollout(policy, vec, args, rng, episodes, update=0):
         actions, parsed, prompts, answers, texts = act(policy, args.task, vec["infos"], vec["obs"], args, rng)
         weights = [policy.token_weights(a) for a in answers]
         with torch.no_grad():
-            logprob, value, _ = policy.score(vec["obs"], prompts, answers, weights)
+            logprob, value, _, _ = policy.score(vec["obs"], prompts, answers, weights)
         check_finite("the rollout log-probability", logprob, f"update {update}, rollout step {t}")
         check_finite("the rollout value", value, f"update {update}, rollout step {t}")
         logprobs[t], values[t] = logprob.cpu(), value.cpu()
@@ -618,12 +648,26 @@ def check_finite(name, tensor, where):
                                  "from it with --resume OUTPUT_DIR and a lower --learning-rate or --max-grad-norm")
 
 
+def reference_kl(logp, ref_logp, lengths):
+    """KL(pi || pi_ref) over the whole vocabulary at every answer position, averaged over each answer's tokens
+    and then over the batch. logp, ref_logp: (B, A, V). Exact, not a sampled estimate: it also charges the
+    probability the policy moves onto tokens it did not sample (a broken answer's), and it is 0 when
+    pi = pi_ref. Banned tokens (-inf in both) add nothing."""
+    mask = torch.zeros(logp.shape[:2], device=logp.device)                     # (B, A)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1.0
+    allowed = torch.isfinite(logp)                                              # (B, A, V)
+    logp, ref_logp = logp.masked_fill(~allowed, 0.0), ref_logp.masked_fill(~allowed, 0.0)   # no inf - inf
+    kl = (logp.exp() * allowed * (logp - ref_logp)).sum(-1)                     # (B, A)
+    return ((kl * mask).sum(-1) / mask.sum(-1)).mean()
+
+
 def ppo_update(policy, optimizer, data, advantages, returns, args, generator, update):
     b_samples = data["samples"]                                                # B samples, t-major like .reshape(-1)
     b_logprobs, b_values = data["logprobs"].reshape(-1), data["values"].reshape(-1)   # (B,)
     b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)      # (B,)
     params = [p for p in policy.parameters() if p.requires_grad]
-    stats = dict(pg_loss=[], v_loss=[], entropy=[], approx_kl=[], clipfrac=[], grad_norm=[])
+    stats = dict(pg_loss=[], v_loss=[], entropy=[], kl_ref=[], approx_kl=[], clipfrac=[], grad_norm=[])
     first_ratio = None
     policy.train()
     for epoch in range(args.update_epochs):
@@ -637,8 +681,9 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
             for micro in range(0, args.minibatch_size, args.micro_batch_size):   # gradient accumulation
                 inds = mb_inds[micro: micro + args.micro_batch_size]
                 batch = [b_samples[i] for i in inds]
-                newlogprob, newvalue, entropy = policy.score([s.frame for s in batch], [s.prompt for s in batch],
-                                                            [s.answer for s in batch], [s.weights for s in batch])
+                inputs = ([s.frame for s in batch], [s.prompt for s in batch], [s.answer for s in batch],
+                          [s.weights for s in batch])
+                newlogprob, newvalue, entropy, newlogp = policy.score(*inputs)
                 newlogprob, newvalue, entropy = newlogprob.cpu(), newvalue.cpu(), entropy.cpu()
                 check_finite("the log-probability", newlogprob, f"update {update}, epoch {epoch}")
                 check_finite("the value", newvalue, f"update {update}, epoch {epoch}")
@@ -656,10 +701,16 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
                 v_loss_unclipped = (newvalue - b_returns[inds]) ** 2
                 v_clipped = b_values[inds] + torch.clamp(newvalue - b_values[inds], -args.clip_coef, args.clip_coef)
                 v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - b_returns[inds]) ** 2).mean()
-                loss = pg_loss - args.ent_coef * entropy.mean() + args.vf_coef * v_loss
+                kl_ref = torch.zeros(())
+                if policy.reference is not None:          # --kl-coef: stay near the SFT policy
+                    with torch.no_grad():
+                        ref_logp = policy.score(*inputs, reference=True)[3]
+                    kl_ref = reference_kl(newlogp, ref_logp, [len(s.answer) for s in batch]).cpu()
+                loss = pg_loss - args.ent_coef * entropy.mean() + args.vf_coef * v_loss + args.kl_coef * kl_ref
                 check_finite("the PPO loss", loss, f"update {update}, epoch {epoch}")
                 (loss * len(inds) / args.minibatch_size).backward()
-                for key, val in (("pg_loss", pg_loss), ("v_loss", v_loss), ("entropy", entropy.mean())):
+                for key, val in (("pg_loss", pg_loss), ("v_loss", v_loss), ("entropy", entropy.mean()),
+                                 ("kl_ref", kl_ref)):
                     stats[key].append(val.item())
             average_gradients(params)       # data parallel: the mean over workers (nothing without torchrun)
             grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
@@ -710,7 +761,7 @@ def sft_warm_start(policy, args, rng):
         optimizer.zero_grad()
         for lo in range(0, len(data), args.micro_batch_size):                 # gradient accumulation
             part = slice(lo, lo + args.micro_batch_size)
-            logprob, _, _ = policy.score([f for f, _, _ in data[part]], prompts[part], answers[part],
+            logprob, _, _, _ = policy.score([f for f, _, _ in data[part]], prompts[part], answers[part],
                                          [[1.0] * len(a) for a in answers[part]], temperature=1.0)
             part_loss = -logprob.sum() / n_tokens                                 # mean cross-entropy per answer token
             check_finite("the SFT loss", part_loss, f"SFT step {step}")
@@ -824,6 +875,10 @@ def worker_state(rng, generator, vec, episodes):
             "episodes": episodes}
 
 
+def reference_adapters(policy):
+    return {n: p.contiguous().cpu() for n, p in policy.reference.named_parameters() if ".lora_" in n}
+
+
 def save_checkpoint(policy, state, meta, output_dir):
     """Write everything to a fresh temp dir, then swap it in with renames: a crash at any point leaves
     the previous checkpoint whole (as `checkpoint/` or, between the two renames, `checkpoint.old/`)."""
@@ -832,6 +887,8 @@ def save_checkpoint(policy, state, meta, output_dir):
     tmp = tempfile.mkdtemp(prefix=".checkpoint-", dir=output_dir)
     try:
         save_file(trainable_state(policy), os.path.join(tmp, "policy.safetensors"))
+        if policy.reference is not None:    # the KL reference's adapters, if any (its base is sft_model/ or --model)
+            save_file(reference_adapters(policy), os.path.join(tmp, "reference.safetensors"))
         torch.save(state, os.path.join(tmp, "state.pt"))       # tensors and plain data only: loaded with weights_only
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
@@ -853,6 +910,8 @@ def restore_checkpoint(policy, optimizer, vec, args, rng, generator):
     if set(weights) != set(trainable_state(policy)):
         fail(f"the checkpoint in {ckpt} does not match this model's trainable parameters; start a new run")
     policy.load_state_dict(weights, strict=False)
+    if policy.reference is not None:
+        policy.reference.load_state_dict(load_file(os.path.join(ckpt, "reference.safetensors")), strict=False)
     state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)      # never unpickles code
     if len(state["workers"]) != WORLD:
         fail(f"the checkpoint in {ckpt} was written by {len(state['workers'])} worker(s), this run has {WORLD}; "
@@ -890,14 +949,25 @@ def save_final_model(policy, path):
     save_file({k: v.contiguous() for k, v in policy.value_head.state_dict().items()}, os.path.join(path, "value_head.safetensors"))
 
 
-def plot_curve(history, path, title):
+def plot_curve(history, path, title, levels):
+    """Success over env steps with the SFT-only, random and oracle levels (`levels`: name -> success), and
+    beside it what a student watches: format errors, read-out, approx_kl, kl_ref and explained variance."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([h["env_steps"] for h in history], [h["success"] for h in history], marker="o", ms=3)
-    ax.set(xlabel="env steps", ylabel="success (last 100 episodes)", title=title, ylim=(-0.02, 1.02))
-    ax.grid(alpha=0.3)
+    steps = [h["env_steps"] for h in history]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
+    ax.plot(steps, [h["success"] for h in history], marker="o", ms=3, label="success (last 100 episodes)")
+    for (name, level), style in zip(levels.items(), (":", "--", "-.")):
+        ax.axhline(level, color="gray", ls=style, lw=1, label=f"{name} {level:.2f}")
+    ax.set(xlabel="env steps", ylabel="success", title=title, ylim=(-0.02, 1.02))
+    for key in ("format_error_rate", "readout_acc", "approx_kl", "kl_ref", "explained_var"):
+        if key in history[0]:
+            ax2.plot(steps, [h[key] for h in history], marker=".", label=key)
+    ax2.set(xlabel="env steps", title="diagnostics", ylim=(-0.5, 1.05))
+    for a in (ax, ax2):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -989,7 +1059,7 @@ def setup(args):
         torch.cuda.set_device(device)
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     start_workers(device)
-    sft_model = os.path.join(args.output_dir, "sft_model")     # the frozen base of a resumed LoRA run
+    sft_model = os.path.join(args.output_dir, "sft_model")     # a resumed run's frozen base or KL reference
     if args.resume and os.path.isdir(sft_model):
         model_path = sft_model
     elif args.model == "tiny":
@@ -1010,7 +1080,7 @@ def setup(args):
     processor, vlm = load_model(model_path, device, dtype, args.trust_remote_code)
     if args.gradient_checkpointing:
         vlm.activation_checkpointing_enable()       # every decoder layer recomputed in the backward pass
-    policy = Policy(vlm, processor, args.temperature, args.thought_coef)
+    policy = Policy(vlm, processor, args.temperature, args.thought_coef, args.value_input)
     broadcast_weights(policy)       # the value head starts the same on every worker
     n_params = sum(p.numel() for p in policy.parameters())
     prompt_tokens, image_tokens = prompt_shape(policy, args)
@@ -1053,8 +1123,12 @@ def set_trainable(policy, args, phase):
 
 
 def start_rl(policy, args):
-    """What trains in RL (set_trainable) and its optimizer."""
-    return torch.optim.Adam(set_trainable(policy, args, "rl"), lr=args.learning_rate, eps=1e-5)
+    """What trains in RL (set_trainable), the KL reference (a frozen copy of the model as RL starts: the SFT
+    policy) if --kl-coef > 0, and the optimizer."""
+    params = set_trainable(policy, args, "rl")
+    if args.kl_coef > 0 and policy.reference is None:
+        policy.reference = copy.deepcopy(policy.vlm).requires_grad_(False)
+    return torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
 
 
 def ppo_loop(policy, optimizer, args, rng, generator):
@@ -1094,7 +1168,7 @@ def ppo_loop(policy, optimizer, args, rng, generator):
                 f.write(json.dumps(row) + "\n")
         print(f"update {update:3d}/{args.num_updates} | steps {env_steps:6d} | success {row['success']:.2f} | "
               f"return {row['mean_return']:+.2f} | fmt_err {row['format_error_rate']:.2f} | read {row['readout_acc']:.2f} | "
-              f"pg {row['pg_loss']:+.3f} | v {row['v_loss']:.3f} | kl {row['approx_kl']:.4f} | "
+              f"pg {row['pg_loss']:+.3f} | v {row['v_loss']:.3f} | kl {row['approx_kl']:.4f} | kl_ref {row['kl_ref']:.4f} | "
               f"clip {row['clipfrac']:.2f} | ev {row['explained_var']:+.2f} | {row['steps_per_second']:.0f} steps/s"
               + (f" | {WORLD} workers" if WORLD > 1 else ""), flush=True)
         print(f"    e.g. {data['gallery'][0]['answer']!r} -> {data['gallery'][0]['action']}", flush=True)
@@ -1129,8 +1203,9 @@ def train(args):
         if args.sft_steps:
             print_memory(policy, args, "SFT", min(args.micro_batch_size, args.sft_batch_size))
             sft_warm_start(policy, args, rng)
-            if args.lora_rank > 0 and not args.lora_in_sft and RANK == 0:   # RL freezes these weights: keep them
-                policy.vlm.save_pretrained(os.path.join(args.output_dir, "sft_model"))         # for --resume
+            # RL freezes these weights (LoRA after SFT) or keeps them as the KL reference: keep them for --resume
+            if (args.lora_rank > 0 or args.kl_coef > 0) and not args.lora_in_sft and RANK == 0:
+                policy.vlm.save_pretrained(os.path.join(args.output_dir, "sft_model"))
                 policy.processor.save_pretrained(os.path.join(args.output_dir, "sft_model"))
         if RANK == 0:               # rank 0 alone evaluates; the other workers wait for it at the next exchange
             before = {mode: evaluate(policy, args, mode == "greedy", rng) for mode in ("sampled", "greedy")}
@@ -1147,7 +1222,9 @@ def train(args):
         return None
     after = {mode: evaluate(policy, args, mode == "greedy", rng) for mode in ("sampled", "greedy")}
     env_steps = args.num_updates * args.batch_size * WORLD
-    plot_curve(history, os.path.join(args.output_dir, "learning_curve.png"), f"{args.task}: PPO after SFT")
+    levels = {"SFT only (sampled)": before["sampled"]["success"], "random": baselines["random"],
+              "oracle": baselines["oracle"]}
+    plot_curve(history, os.path.join(args.output_dir, "learning_curve.png"), f"{args.task}: PPO after SFT", levels)
     save_final_model(policy, os.path.join(args.output_dir, "final_model"))
     prompt_tokens, image_tokens = prompt_shape(policy, args)
     summary = dict(task=args.task, model=args.model, seed=args.seed, prompt_tokens=prompt_tokens, image_tokens=image_tokens,

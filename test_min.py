@@ -358,9 +358,9 @@ def test_lambda_split_on_handmade_answer(tiny):
     env = NumberLine()
     obs, info = env.reset(seed=0)
     with torch.no_grad():
-        lp0, _, _ = policy.score([obs], prompts_of(policy, "numberline", [info]), [ids], [weights])
-        lp_all, _, _ = policy.score([obs], prompts_of(policy, "numberline", [info]), [ids], [[1.0] * len(ids)])
-        lp_thought, _, _ = policy.score([obs], prompts_of(policy, "numberline", [info]), [ids], [[1.0 - w for w in weights]])
+        lp0, _, _, _ = policy.score([obs], prompts_of(policy, "numberline", [info]), [ids], [weights])
+        lp_all, _, _, _ = policy.score([obs], prompts_of(policy, "numberline", [info]), [ids], [[1.0] * len(ids)])
+        lp_thought, _, _, _ = policy.score([obs], prompts_of(policy, "numberline", [info]), [ids], [[1.0 - w for w in weights]])
     assert torch.allclose(lp0 + lp_thought, lp_all, atol=1e-5) and lp0 > lp_all
 
 
@@ -412,7 +412,7 @@ def test_scored_logprobs_match_generate_on_left_padded_batch(tiny):
         answers.append(ids)
         reported.append(sum(out.scores[t][b].log_softmax(-1)[tok].item() for t, tok in enumerate(ids)))
     with torch.no_grad():
-        scored, _, _ = policy.score(frames, prompts, answers, [[1.0] * len(a) for a in answers])
+        scored, _, _, _ = policy.score(frames, prompts, answers, [[1.0] * len(a) for a in answers])
     assert torch.allclose(scored, torch.tensor(reported), atol=1e-3), (scored, reported)
 
 
@@ -501,8 +501,46 @@ def test_checkpoint_sampling_settings_do_not_leak_into_generate(tmp_path):
         sampled.append(sum(out.scores[t][b].log_softmax(-1)[tok].item() for t, tok in enumerate(ids)))
     assert answers == played
     with torch.no_grad():
-        scored, _, _ = policy.score(list(frames), prompts, answers, [[1.0] * len(a) for a in answers])
+        scored, _, _, _ = policy.score(list(frames), prompts, answers, [[1.0] * len(a) for a in answers])
     assert torch.allclose(scored, torch.tensor(sampled), atol=1e-4), (scored, sampled)
+
+
+def test_critic_reads_the_state_not_the_answer(tiny):
+    """The value head's input differs across NumberLine frames whose prompt text is the same (so the image is
+    what differs), and V(s) does not change with the answer that follows the prompt."""
+    path, _, _ = tiny
+    processor, vlm = R.load_model(path, torch.device("cpu"), torch.float32)
+    policy = R.Policy(vlm, processor, 1.0, 0.5, value_input="mean")
+    seen = []
+    policy.value_head.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach()))
+    frames, infos = zip(*[numberline(t, c).obs() for t, c in ((0, 5), (5, 0), (2, 3), (3, 2))])
+    prompts = prompts_of(policy, "numberline", infos)
+    assert len(set(prompts)) == 1                       # the numbers are in the frame only
+    values = policy.value(list(frames), prompts)
+    features = seen[-1]                                 # (4, H)
+    spread = (features - features.mean(0)).abs().max(1).values
+    assert (spread > 1e-3 * features.abs().mean()).all(), spread
+    answers = [processor.tokenizer(R.answer_text("numberline", infos[0], a, True), add_special_tokens=False).input_ids
+               for a in ("+", "-")]
+    with torch.no_grad():
+        v = [policy.score([frames[0]], prompts[:1], [ids], [[1.0] * len(ids)])[1] for ids in answers]
+    assert torch.allclose(v[0], v[1]) and torch.allclose(v[0], values[:1], atol=1e-5)
+
+
+def test_kl_to_the_reference_is_zero_until_the_policy_moves(tiny, tmp_path):
+    """--kl-coef: the reference is a frozen copy of the policy at RL start, so kl_ref is exactly 0 on the first
+    minibatch, > 0 once the policy has taken a step, and the reference itself never changes."""
+    args = small_args(tmp_path, "--kl-coef", "0.1", "--update-epochs", "1", "--minibatch-size", "16",
+                      "--micro-batch-size", "16")
+    policy = fresh_policy(tiny)
+    optimizer = R.start_rl(policy, args)
+    frozen = {k: v.clone() for k, v in policy.reference.state_dict().items()}
+    data, adv, ret = one_rollout(policy, args, np.random.default_rng(0))
+    first = R.ppo_update(policy, optimizer, data, adv, ret, args, torch.Generator().manual_seed(0), update=1)
+    second = R.ppo_update(policy, optimizer, data, adv, ret, args, torch.Generator().manual_seed(0), update=2)
+    assert first["kl_ref"] == 0.0 and second["kl_ref"] > 1e-6, (first["kl_ref"], second["kl_ref"])
+    assert all(torch.equal(v, policy.reference.state_dict()[k]) for k, v in frozen.items())
+    assert not any(p.requires_grad for p in policy.reference.parameters())
 
 
 def test_nan_stops_the_update_with_a_message(tiny, tmp_path):
@@ -524,7 +562,7 @@ def test_entropy_bonus_changes_the_gradient(tiny):
     grads = []
     for ent_coef in (0.0, 1.0):
         policy.zero_grad()
-        logprob, value, entropy = policy.score([obs], prompts_of(policy, "numberline", [info]), ids, [[1.0] * len(ids[0])])
+        logprob, value, entropy, _ = policy.score([obs], prompts_of(policy, "numberline", [info]), ids, [[1.0] * len(ids[0])])
         (logprob.sum() * 0 - ent_coef * entropy.mean()).backward()
         grads.append(policy.vlm.get_output_embeddings().weight.grad.abs().sum().item())
     assert grads[0] == 0 and grads[1] > 0
@@ -741,7 +779,7 @@ def test_gradient_checkpointing_keeps_the_gradients_and_saves_less(tiny):
         ids = policy.processor.tokenizer('{"action": "+"}', add_special_tokens=False).input_ids
         sizes = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t, lambda t: t):
-            logprob, value, _ = policy.score([obs] * 4, prompts_of(policy, "numberline", [info] * 4), [ids] * 4,
+            logprob, value, _, _ = policy.score([obs] * 4, prompts_of(policy, "numberline", [info] * 4), [ids] * 4,
                                              [[1.0] * len(ids)] * 4)
         (logprob.sum() + value.sum()).backward()
         grads.append([p.grad for p in policy.vlm.parameters() if p.grad is not None])
@@ -767,7 +805,7 @@ def averaged_gradient_worker(rank, path, port, out):
     policy = R.Policy(vlm, processor, 1.0, 0.5)
     frames, prompts, answers, advantages = union_minibatch(policy)
     part = slice(2 * rank, 2 * rank + 2)            # each worker holds half of the minibatch
-    logprob, _, _ = policy.score(frames[part], prompts[part], answers[part], [[1.0] * len(a) for a in answers[part]])
+    logprob, _, _, _ = policy.score(frames[part], prompts[part], answers[part], [[1.0] * len(a) for a in answers[part]])
     (-(advantages[part] * logprob).mean()).backward()
     params = [p for p in policy.parameters() if p.requires_grad]
     R.average_gradients(params)
@@ -792,7 +830,7 @@ def test_averaged_gradient_of_two_workers_equals_the_union_gradient(tiny, tmp_pa
     mp.spawn(averaged_gradient_worker, args=(tiny[0], port, str(tmp_path)), nprocs=2)
     policy = fresh_policy(tiny)
     frames, prompts, answers, advantages = union_minibatch(policy)
-    logprob, _, _ = policy.score(frames, prompts, answers, [[1.0] * len(a) for a in answers])
+    logprob, _, _, _ = policy.score(frames, prompts, answers, [[1.0] * len(a) for a in answers])
     (-(advantages * logprob).mean()).backward()
     union = [torch.zeros_like(p) if p.grad is None else p.grad for p in policy.parameters() if p.requires_grad]
     worker0, worker1 = (torch.load(tmp_path / f"grads{r}.pt") for r in (0, 1))
