@@ -31,9 +31,9 @@ Deviations from the paper, each on purpose:
   §2 of the paper's settings. The logic (lambda split, GAE, clipped PPO) is the same either way.
 - Two additions for the tiny model (the paper preset has neither): the value head reads the mean of the
   prompt's final hidden states, detached (the paper: the last prompt token, which the tiny model does not
-  make carry the state); and a KL penalty toward the SFT policy (--kl-coef 0.1, exact over the
-  vocabulary at every answer token, logged as kl_ref), which stopped the bursts of broken answers
-  ("action": "}) that PPO's updates caused (results/EXPERIMENTS.md).
+  make carry the state); and a KL penalty toward the SFT policy (--kl-coef 0.5, exact over the
+  vocabulary at every answer token, logged as kl_ref), which made the bursts of broken answers
+  ("action": "}) that PPO's updates caused rarer and shorter (results/EXPERIMENTS.md).
 - Truncation (NumberLine's 10-move limit, the points games' formula cap) ends the episode like a
   termination: it is part of those games' rules and is scored as a loss, so nothing is bootstrapped.
 - LoRA dropout acts in SFT only. RL samples, scores the old log-probs and runs the update with dropout
@@ -100,7 +100,7 @@ class Args:
     micro_batch_size: int = field(default=32, metadata={"help": "samples per forward/backward (gradient accumulation up to minibatch_size)"})
     clip_coef: float = field(default=0.2, metadata={"help": "PPO clip range for the ratio and the value"})
     ent_coef: float = field(default=0.0, metadata={"help": "entropy bonus (mean per answer token)"})
-    kl_coef: float = field(default=0.1, metadata={"help": "weight of KL(policy || reference), exact over the vocabulary, per answer token; the reference is a frozen copy of the model as RL starts (logged as kl_ref; 0 = off, the paper)"})
+    kl_coef: float = field(default=0.5, metadata={"help": "weight of KL(policy || reference), exact over the vocabulary, per answer token; the reference is a frozen copy of the model as RL starts (logged as kl_ref; 0 = off, the paper)"})
     vf_coef: float = field(default=0.5, metadata={"help": "value-loss coefficient"})
     max_grad_norm: float = field(default=0.5, metadata={"help": "global gradient-norm clip"})
     # model
