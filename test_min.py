@@ -601,6 +601,17 @@ def test_cli_end_to_end_and_deterministic(tmp_path):
     assert runs[0] == runs[1]
 
 
+@pytest.mark.parametrize("task", envs.TASKS)
+def test_each_game_default_configuration_completes(task, tmp_path):
+    """Each game's default settings (SFT oracle share, critic input, KL reference) on a tiny schedule."""
+    R.main(["--task", task, "--num-envs", "2", "--num-steps", "2", "--minibatch-size", "2", "--micro-batch-size",
+            "2", "--total-steps", "8", "--sft-steps", "2", "--eval-episodes", "2", "--max-new-tokens", "16",
+            "--output-dir", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(np.isfinite(r["kl_ref"]) and r["kl_ref"] >= 0 for r in rows)
+    assert json.loads((tmp_path / "summary.json").read_text())["task"] == task
+
+
 @pytest.mark.parametrize("argv,message", [(["--task", "chess"], "task"), (["--learning-rate", "-1"], "learning rate"),
                                           (["--num-steps", "0"], "num-steps"), (["--minibatch-size", "48"], "divide"),
                                           (["--model", "/no/such/model", "--sft-steps", "0"], "cannot load"),
