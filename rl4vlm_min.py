@@ -539,7 +539,7 @@ class Policy(nn.Module):
     def hidden_states(self, input_ids, attention_mask, extra, vlm=None):
         """The VLM trunk's final hidden states (B, T, H); positions count real tokens only, as generate() does
         (M-RoPE models build their 3-D positions from the image grid themselves)."""
-        vlm = vlm or self.vlm
+        vlm = self.vlm if vlm is None else vlm
         position_ids = None if vlm.mrope else (attention_mask.cumsum(-1) - 1).clamp(min=0)   # (B, T)
         return vlm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False, **extra).last_hidden_state
