@@ -8,127 +8,80 @@
 Rules follow the paper (Zhai et al. 2024, appendix on gym-cards) and its public package, with the
 package's defects fixed: formulas are checked in exact rational arithmetic with real operator
 validation, a reset never shows the previous episode, and every draw uses the env's seeded
-generator. Frames are drawn with Pillow only (its bundled font; cards drawn in code, each card once).
-`python envs.py` writes a contact sheet of frames to `envs_contact_sheet.png`.
+generator. The frames are drawn by plumbing.py (Pillow only). `python envs.py` writes a contact
+sheet of frames to envs_contact_sheet.png.
 """
-import copy
+
+import ast
 import functools
 import itertools
+import operator
 from fractions import Fraction
 
 import gymnasium as gym
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
-SIZE = 300                      # frames are SIZE x SIZE x 3 uint8, as in the original package
-TABLE = (0x35, 0x65, 0x4D)      # the card games' dark green table
-RANKS = {1: "A", 11: "J", 12: "Q", 13: "K"}   # other ranks print as their number
-SUITS = "SHDC"                  # spades, hearts, diamonds, clubs
+from plumbing import FRAME, card_table, numberline_frame
+
+RANKS = {1: "A", 11: "J", 12: "Q", 13: "K"}  # other ranks print as their number
+SUITS = "SHDC"  # spades, hearts, diamonds, clubs
 
 
-def card_name(rank, suit):      # e.g. (12, "H") -> "QH"
+def card_name(rank, suit):  # e.g. (12, "H") -> "QH"
     return f"{RANKS.get(rank, str(rank))}{suit}"
 
 
-def card_value(rank):           # faces count as 10, an ace as 1
+def card_value(rank):  # faces count as 10, an ace as 1
     return min(rank, 10)
 
 
-@functools.lru_cache(maxsize=None)
-def font(size):                 # Pillow's bundled scalable font: no font file needed
-    return ImageFont.load_default(size=size)
-
-
-# ---- DRAWING: each card is drawn once (cached), frames paste cached cards ----
-def draw_suit(d, suit, cx, cy, r, color):
-    """A suit symbol centred at (cx, cy) with half-size r, from circles and polygons."""
-    if suit == "D":
-        d.polygon([(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)], fill=color)
-        return
-    if suit == "C":
-        for dx, dy in ((0, -0.45), (-0.5, 0.15), (0.5, 0.15)):
-            d.ellipse([cx + (dx - 0.45) * r, cy + (dy - 0.45) * r, cx + (dx + 0.45) * r, cy + (dy + 0.45) * r], fill=color)
-    else:   # a heart, or a spade (an upside-down heart)
-        s = 1 if suit == "H" else -1
-        for dx in (-0.45, 0.45):
-            d.ellipse([cx + (dx - 0.5) * r, cy - s * 0.3 * r - 0.5 * r, cx + (dx + 0.5) * r, cy - s * 0.3 * r + 0.5 * r], fill=color)
-        d.polygon([(cx - 0.95 * r, cy - s * 0.15 * r), (cx + 0.95 * r, cy - s * 0.15 * r), (cx, cy + s * r)], fill=color)
-    if suit in "SC":                # the stem of a spade or a club
-        d.polygon([(cx, cy), (cx - 0.35 * r, cy + r), (cx + 0.35 * r, cy + r)], fill=color)
-
-
-@functools.lru_cache(maxsize=None)
-def card_image(rank, suit, w=64, h=92):
-    """One playing card: a big rank in the middle (readable when the frame is downscaled), suits in two corners."""
-    img = Image.new("RGB", (w, h), TABLE)
-    d = ImageDraw.Draw(img)
-    d.rounded_rectangle([0, 0, w - 1, h - 1], radius=6, fill="white", outline="black", width=2)
-    if rank == 0:                   # rank 0 = face down (the dealer's hidden card)
-        d.rounded_rectangle([5, 5, w - 6, h - 6], radius=4, fill=(150, 30, 40))
-        return img
-    color = (200, 0, 0) if suit in "HD" else (0, 0, 0)
-    d.text((w / 2, h / 2 - 4), RANKS.get(rank, str(rank)), font=font(round(0.37 * h)), fill=color, anchor="mm")
-    draw_suit(d, suit, 11, 12, 6, color)
-    draw_suit(d, suit, w - 12, h - 13, 6, color)
-    return img
-
-
-def table_with_cards(rows, w=64, h=92):
-    """A green table with rows of w x h cards, given as [(y, [(rank, suit), ...]), ...]; cards overlap if many."""
-    img = Image.new("RGB", (SIZE, SIZE), TABLE)
-    for y, cards in rows:
-        step = min(w + 8, (SIZE - 20 - w) / max(len(cards) - 1, 1))
-        x0 = (SIZE - w - step * (len(cards) - 1)) / 2
-        for i, card in enumerate(cards):
-            img.paste(card_image(*card, w, h), (round(x0 + i * step), y))
-    return img
+def labels(cards):  # what each card shows: its rank, or "" face down (rank 0)
+    return [(RANKS.get(rank, str(rank)) if rank else "", suit) for rank, suit in cards]
 
 
 class CardEnv(gym.Env):
-    """Shared plumbing: seeded reset, action checking, frames. Subclasses set action_names and the rules."""
+    """What the four games share: seeded reset, action checking, frames. Subclasses set
+    action_names and the rules."""
+
     metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
     action_names = []
 
     def __init__(self, render_mode=None):
-        assert render_mode in (None, "rgb_array"), f"render_mode must be None or 'rgb_array', got {render_mode!r}"
+        assert render_mode in (None, "rgb_array"), (
+            f"render_mode must be None or 'rgb_array', got {render_mode!r}"
+        )
         self.render_mode = render_mode
         self.action_space = gym.spaces.Discrete(len(self.action_names))
-        self.observation_space = gym.spaces.Box(0, 255, (SIZE, SIZE, 3), np.uint8)
+        self.observation_space = gym.spaces.Box(0, 255, (FRAME, FRAME, 3), np.uint8)
 
     def check_action(self, action):
         if not self.action_space.contains(action):
-            raise ValueError(f"{type(self).__name__}: action {action!r} is not in 0..{self.action_space.n - 1} "
-                             f"({self.action_names}); pass an integer index into env.action_names")
+            raise ValueError(
+                f"{type(self).__name__}: action {action!r} is not in 0..{self.action_space.n - 1} "
+                f"({self.action_names}); pass an integer index into env.action_names"
+            )
         return self.action_names[int(action)]
 
     def render(self):
-        return np.array(self.frame())      # (300, 300, 3) uint8, the observation itself
+        return np.array(self.frame())  # (300, 300, 3) uint8, the observation itself
 
     def obs(self):
         return self.render(), self.info()
 
-    state_fields = ()               # the game's own fields (per subclass); with the generator they are the whole state
-
-    def get_state(self):
-        """The game and its random generator as plain data: set_state on a fresh env continues it exactly (--resume)."""
-        return {"game": copy.deepcopy({k: getattr(self, k) for k in self.state_fields}),
-                "rng": self.np_random.bit_generator.state}
-
-    def set_state(self, state):
-        for key, value in copy.deepcopy(state["game"]).items():
-            setattr(self, key, value)
-        self.np_random.bit_generator.state = state["rng"]
+    state_fields = ()  # the game's own fields: with the generator, its whole state (--resume)
 
 
 # ---- NUMBERLINE: move "Current" to "Target" on 0..5 ----
 class NumberLine(CardEnv):
     action_names = ["-", "+"]
     state_fields = ("target", "current", "steps")
-    max_steps = 10          # truncated after 10 moves
+    max_steps = 10  # truncated after 10 moves
 
     def reset(self, seed=None, options=None):
         super().reset(seed=seed)
-        self.target, self.current = (int(x) for x in self.np_random.choice(6, size=2, replace=False))
+        self.target, self.current = (
+            int(x) for x in self.np_random.choice(6, size=2, replace=False)
+        )
         self.steps = 0
         return self.obs()
 
@@ -139,7 +92,13 @@ class NumberLine(CardEnv):
         self.steps += 1
         terminated = self.current == self.target
         reward = 1.0 if terminated else (0.0 if abs(self.current - self.target) < before else -1.0)
-        return self.render(), reward, terminated, self.steps >= self.max_steps and not terminated, self.info()
+        return (
+            self.render(),
+            reward,
+            terminated,
+            self.steps >= self.max_steps and not terminated,
+            self.info(),
+        )
 
     def info(self):
         return {"Target": self.target, "Current": self.current}
@@ -151,59 +110,42 @@ class NumberLine(CardEnv):
         return numberline_frame(self.target, self.current)
 
 
-@functools.lru_cache(maxsize=None)
-def numberline_frame(target, current):      # only 30 possible frames: draw each once
-    img = Image.new("RGB", (SIZE, SIZE), "white")
-    d = ImageDraw.Draw(img)
-    d.text((SIZE / 2, 90), f"Target: {target}", font=font(48), fill="black", anchor="mm")
-    d.text((SIZE / 2, 210), f"Current: {current}", font=font(48), fill="black", anchor="mm")
-    return img
-
-
 # ---- EZPOINTS / POINTS24: write a formula with the cards' numbers that makes the target ----
 PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 
 
 def evaluate(tokens):
-    """Exact value of a formula (a list of tokens) with binary operators only, or None if malformed."""
-    pos = 0
-
-    def peek():
-        return tokens[pos] if pos < len(tokens) else None
-
-    def expr(level):        # precedence climbing: level 1 = + -, level 2 = * /, level 3 = atoms
-        nonlocal pos
-        if level == 3:
-            tok = peek()
-            pos += 1
-            if tok == "(":
-                value = expr(1)
-                if peek() != ")":
-                    raise ValueError("unclosed (")
-                pos += 1
-                return value
-            if tok is None or not tok.isdigit():
-                raise ValueError(f"expected a number, got {tok!r}")   # this rejects unary "2++10"
-            return Fraction(int(tok))
-        value = expr(level + 1)
-        while PRECEDENCE.get(peek()) == level:
-            op = tokens[pos]
-            pos += 1
-            rhs = expr(level + 1)
-            value = {"+": value + rhs, "-": value - rhs, "*": value * rhs}.get(op) if op != "/" else value / rhs
-        return value
-
+    """Exact value of a formula (a list of tokens), or None if malformed. Python's parser reads
+    it; only numbers and binary + - * / are allowed (so "- 2" and "2 + + 10" are malformed),
+    each computed as a Fraction: 8 / (3 - 8 / 3) is exactly 24."""
     try:
-        value = expr(1)
-        return value if pos == len(tokens) else None
-    except (ValueError, ZeroDivisionError):
+        return exact(ast.parse(" ".join(tokens), mode="eval").body)
+    except (SyntaxError, ValueError, ZeroDivisionError):
         return None
 
 
-@functools.lru_cache(maxsize=None)
+BINARY = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+}
+
+
+def exact(node):
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return Fraction(node.value)
+    if isinstance(node, ast.BinOp) and type(node.op) in BINARY:
+        return BINARY[type(node.op)](exact(node.left), exact(node.right))
+    raise ValueError("a formula holds numbers and binary + - * / only")
+
+
+@functools.cache
 def solutions(values, target, ops):
-    """Every formula (token tuple, fewest brackets) using each of `values` once that equals `target`, shortest first."""
-    def build(items):       # items: tuple of (tokens, value, precedence); yields full expressions
+    """Every formula (token tuple, fewest brackets) using each of `values` once that equals
+    `target`, shortest first."""
+
+    def build(items):  # items: tuple of (tokens, value, precedence); yields full expressions
         if len(items) == 1:
             yield items[0]
             return
@@ -219,24 +161,33 @@ def solutions(values, target, ops):
                 value = {"+": va + vb, "-": va - vb, "*": va * vb, "/": va / vb if vb else 0}[op]
                 yield from build(rest + ((left + (op,) + right, value, p),))
 
-    found = {tokens for tokens, value, _ in build(tuple(((str(v),), Fraction(v), 3) for v in values)) if value == target}
+    found = {
+        tokens
+        for tokens, value, _ in build(tuple(((str(v),), Fraction(v), 3) for v in values))
+        if value == target
+    }
     return sorted(found, key=lambda t: (len(t), t))
 
 
 class PointsEnv(CardEnv):
-    """Cards are dealt face up; each action appends a number or an operator to the formula; "=" checks it."""
+    """Cards are dealt face up; each action appends a number or an operator to the formula;
+    "=" checks it."""
+
     target, num_cards, max_formula = 24, 4, 20
     state_fields = ("cards", "formula", "slots")
 
     def reset(self, seed=None, options=None):
         super().reset(seed=seed)
         self.cards = self.deal()
-        self.formula = []           # the tokens written so far (a new list: nothing from the last episode)
-        self.slots = 0              # formula slots used; an illegal number also uses one, as in the original
+        self.formula = []  # the tokens written so far (a new list: nothing from the last episode)
+        self.slots = 0  # formula slots used; an illegal number also uses one, as in the original
         return self.obs()
 
-    def deal(self):                 # Points24: four ranks 1..13 drawn independently
-        return [(int(r), SUITS[int(s)]) for r, s in zip(self.np_random.integers(1, 14, 4), self.np_random.integers(0, 4, 4))]
+    def deal(self):  # Points24: four ranks 1..13 drawn independently
+        return [
+            (int(r), SUITS[int(s)])
+            for r, s in zip(self.np_random.integers(1, 14, 4), self.np_random.integers(0, 4, 4))
+        ]
 
     def numbers(self):
         return [card_value(r) for r, _ in self.cards]
@@ -257,18 +208,22 @@ class PointsEnv(CardEnv):
         self.slots += 1
         reward = 0.0
         if tok.isdigit() and int(tok) not in self.unused_numbers():
-            reward = -1.0           # a number that is not on an unused card: penalised, formula unchanged
+            reward = -1.0  # a number that is not on an unused card: penalised, formula unchanged
         else:
             self.formula.append(tok)
         if self.slots > self.max_formula:
-            return self.render(), -1.0, False, True, self.info()   # formula too long: truncated
+            return self.render(), -1.0, False, True, self.info()  # formula too long: truncated
         return self.render(), reward, False, False, self.info()
 
     def info(self):
-        return {"Cards": [card_name(*c) for c in self.cards], "Numbers": self.numbers(), "Formula": list(self.formula)}
+        return {
+            "Cards": [card_name(*c) for c in self.cards],
+            "Numbers": self.numbers(),
+            "Formula": list(self.formula),
+        }
 
     def oracle(self):
-        """Next token of the shortest correct formula that extends the current one; "=" if none does."""
+        """Next token of the shortest correct formula extending the current one; "=" if none."""
         n = len(self.formula)
         ops = tuple(a for a in self.action_names if a in PRECEDENCE)
         for sol in solutions(tuple(sorted(self.numbers())), self.target, ops):
@@ -277,12 +232,10 @@ class PointsEnv(CardEnv):
         return self.action_names.index("=")
 
     def frame(self):
-        # two cards are drawn large: their ranks stay legible when a small model sees the frame at 64x64
-        img = table_with_cards([(20, self.cards)], *((100, 150) if self.num_cards == 2 else (64, 92)))
         text = " ".join(self.formula) if self.formula else "(empty)"
-        ImageDraw.Draw(img).text((SIZE / 2, 205), "Formula:", font=font(26), fill="white", anchor="mm")
-        ImageDraw.Draw(img).text((SIZE / 2, 250), text, font=font(30 if len(text) < 16 else 18), fill="white", anchor="mm")
-        return img
+        texts = [(205, "Formula:", 26), (250, text, 30 if len(text) < 16 else 18)]
+        size = (100, 150) if self.num_cards == 2 else (64, 92)  # legible at 64x64
+        return card_table([(20, labels(self.cards))], texts, *size)
 
 
 class Points24(PointsEnv):
@@ -292,16 +245,20 @@ class Points24(PointsEnv):
 class EZPoints(PointsEnv):
     action_names = [str(i) for i in range(1, 11)] + ["+", "*", "="]
     target, num_cards, max_formula = 12, 2, 5
-    # Every ordered pair of ranks 2..13 (no aces) whose values make 12 with + or *: all deals are solvable.
-    DEALS = [(a, b) for a in range(2, 14) for b in range(2, 14)
-             if card_value(a) + card_value(b) == 12 or card_value(a) * card_value(b) == 12]
+    # Every ordered pair of ranks 2..13 (no aces) whose values make 12 with + or *: all solvable.
+    DEALS = [
+        (a, b)
+        for a in range(2, 14)
+        for b in range(2, 14)
+        if card_value(a) + card_value(b) == 12 or card_value(a) * card_value(b) == 12
+    ]
 
     def deal(self):
         ranks = self.DEALS[self.np_random.integers(len(self.DEALS))]
         return [(r, SUITS[int(s)]) for r, s in zip(ranks, self.np_random.integers(0, 4, 2))]
 
 
-# ---- BLACKJACK: gymnasium's Blackjack-v1 rules, drawn as cards; the dealer's second card is face down ----
+# ---- BLACKJACK: gymnasium's Blackjack-v1 rules as cards; the dealer's second card face down ----
 def hand_total(cards):
     """(best total, usable ace): an ace counts 11 when that does not bust the hand."""
     total = sum(card_value(r) for r, _ in cards)
@@ -313,7 +270,7 @@ class Blackjack(CardEnv):
     action_names = ["stand", "hit"]
     state_fields = ("player", "dealer", "done")
 
-    def draw(self):                 # infinite deck: every rank equally likely
+    def draw(self):  # infinite deck: every rank equally likely
         return int(self.np_random.integers(1, 14)), SUITS[int(self.np_random.integers(4))]
 
     def reset(self, seed=None, options=None):
@@ -328,52 +285,56 @@ class Blackjack(CardEnv):
             self.player.append(self.draw())
             self.done = hand_total(self.player)[0] > 21
             return self.render(), -1.0 if self.done else 0.0, self.done, False, self.info()
-        while hand_total(self.dealer)[0] < 17:      # stand: the dealer draws to 17 or more
+        while hand_total(self.dealer)[0] < 17:  # stand: the dealer draws to 17 or more
             self.dealer.append(self.draw())
         me, dealer = hand_total(self.player)[0], hand_total(self.dealer)[0]
         self.done = True
         reward = 1.0 if dealer > 21 or me > dealer else (-1.0 if me < dealer else 0.0)
         return self.render(), reward, True, False, self.info()
 
-    def info(self):                 # the hidden card never appears here (nor in the prompt)
-        return {"Player Card": [card_name(*c) for c in self.player], "Player Total": hand_total(self.player)[0],
-                "Dealer Card": [card_name(*self.dealer[0])], "Dealer Total": hand_total(self.dealer[:1])[0]}
+    def info(self):  # the hidden card never appears here (nor in the prompt)
+        return {
+            "Player Card": [card_name(*c) for c in self.player],
+            "Player Total": hand_total(self.player)[0],
+            "Dealer Card": [card_name(*self.dealer[0])],
+            "Dealer Total": hand_total(self.dealer[:1])[0],
+        }
 
     def oracle(self):
-        """Basic strategy for stand/hit only (no double or split): stand on hard 17+, on hard 13-16 against a
-        dealer 2-6, on hard 12 against 4-6, on soft 19+, and on soft 18 against 2-8; otherwise hit."""
+        """Basic strategy for stand/hit only (no double or split): stand on hard 17+, on hard
+        13-16 against a dealer 2-6, on hard 12 against 4-6, on soft 19+, and on soft 18 against
+        2-8; otherwise hit."""
         total, soft = hand_total(self.player)
-        up = card_value(self.dealer[0][0])          # the dealer's visible card, ace = 1
+        up = card_value(self.dealer[0][0])  # the dealer's visible card, ace = 1
         if soft:
             stand = total >= 19 or (total == 18 and 2 <= up <= 8)
         else:
-            stand = total >= 17 or (13 <= total <= 16 and 2 <= up <= 6) or (total == 12 and 4 <= up <= 6)
+            stand = (
+                total >= 17
+                or (13 <= total <= 16 and 2 <= up <= 6)
+                or (total == 12 and 4 <= up <= 6)
+            )
         return int(not stand)
 
     def frame(self):
-        dealer = self.dealer if self.done else [self.dealer[0], (0, "")]   # reveal only when the hand is over
-        img = table_with_cards([(30, dealer), (178, self.player)])
-        d = ImageDraw.Draw(img)
-        d.text((SIZE / 2, 140), "Dealer above, player below", font=font(16), fill="white", anchor="mm")
-        return img
+        dealer = (
+            self.dealer if self.done else [self.dealer[0], (0, "")]
+        )  # revealed when the hand is over
+        rows = [(30, labels(dealer)), (178, labels(self.player))]
+        return card_table(rows, [(140, "Dealer above, player below", 16)])
 
 
-TASKS = {"numberline": NumberLine, "ezpoints": EZPoints, "points24": Points24, "blackjack": Blackjack}
+TASKS = {
+    "numberline": NumberLine,
+    "ezpoints": EZPoints,
+    "points24": Points24,
+    "blackjack": Blackjack,
+}
 for _name, _cls in TASKS.items():
     gym.register(f"gym_cards/{_cls.__name__}-v0", entry_point=_cls)
 
 
-if __name__ == "__main__":      # a contact sheet: three frames per env, with the legal actions
-    sheet = Image.new("RGB", (3 * SIZE, 4 * (SIZE + 40)), "white")
-    for row, cls in enumerate(TASKS.values()):
-        env = cls()
-        obs, _ = env.reset(seed=row)
-        for col in range(3):
-            sheet.paste(Image.fromarray(obs), (col * SIZE, row * (SIZE + 40) + 40))
-            obs, _, term, trunc, _ = env.step(env.oracle())
-            if term or trunc:
-                obs, _ = env.reset()
-        ImageDraw.Draw(sheet).text((8, row * (SIZE + 40) + 8), f"{cls.__name__}: actions {' '.join(cls.action_names)}",
-                                   font=font(20), fill="black")
-    sheet.save("envs_contact_sheet.png")
-    print("wrote envs_contact_sheet.png")
+if __name__ == "__main__":  # a contact sheet: three frames per env, with the legal actions
+    import plumbing
+
+    plumbing.contact_sheet(TASKS)

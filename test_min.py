@@ -2,6 +2,7 @@
 
 Run: HF_HUB_OFFLINE=1 python -m pytest -q test_min.py
 """
+
 import itertools
 from fractions import Fraction
 
@@ -11,9 +12,14 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import envs
-from envs import EZPoints, NumberLine, Points24, Blackjack, evaluate
+from envs import Blackjack, EZPoints, NumberLine, Points24, evaluate
 
-IDS = ["gym_cards/NumberLine-v0", "gym_cards/EZPoints-v0", "gym_cards/Points24-v0", "gym_cards/Blackjack-v0"]
+IDS = [
+    "gym_cards/NumberLine-v0",
+    "gym_cards/EZPoints-v0",
+    "gym_cards/Points24-v0",
+    "gym_cards/Blackjack-v0",
+]
 
 
 # ---- ENVS: API ----
@@ -50,7 +56,15 @@ def test_vector_env_and_seeding(env_id):
 def test_action_names():
     assert NumberLine.action_names == ["-", "+"]
     assert EZPoints.action_names == [str(i) for i in range(1, 11)] + ["+", "*", "="]
-    assert Points24.action_names == [str(i) for i in range(1, 11)] + ["+", "-", "*", "/", "(", ")", "="]
+    assert Points24.action_names == [str(i) for i in range(1, 11)] + [
+        "+",
+        "-",
+        "*",
+        "/",
+        "(",
+        ")",
+        "=",
+    ]
     assert Blackjack.action_names == ["stand", "hit"]
 
 
@@ -64,14 +78,14 @@ def numberline(target, current):
 
 def test_numberline_rewards():
     env = numberline(3, 1)
-    assert env.step(1)[1:4] == (0.0, False, False)      # closer: 0
-    assert env.step(0)[1:4] == (-1.0, False, False)     # away: -1
+    assert env.step(1)[1:4] == (0.0, False, False)  # closer: 0
+    assert env.step(0)[1:4] == (-1.0, False, False)  # away: -1
     assert env.step(1)[1:4] == (0.0, False, False)
-    assert env.step(1)[1:4] == (1.0, True, False)       # reached: +1, terminated
+    assert env.step(1)[1:4] == (1.0, True, False)  # reached: +1, terminated
     env = numberline(3, 0)
     assert env.step(0)[1] == -1.0 and env.current == 0  # bumping the wall: -1, stays
     env = numberline(5, 0)
-    for i in range(10):                                  # truncated after 10 moves, not terminated
+    for _ in range(10):  # truncated after 10 moves, not terminated
         _, r, term, trunc, info = env.step(0)
     assert (term, trunc) == (False, True) and info == {"Target": 5, "Current": 0}
 
@@ -97,16 +111,19 @@ def play(env, tokens):
 
 
 def test_ezpoints_rules():
-    assert play(points(EZPoints, [2, 13]), ["2", "+", "10", "="])[:2] == ([0, 0, 0, 10], True)  # K counts 10
+    assert play(points(EZPoints, [2, 13]), ["2", "+", "10", "="])[:2] == (
+        [0, 0, 0, 10],
+        True,
+    )  # K counts 10
     assert play(points(EZPoints, [3, 4]), ["3", "*", "4", "="])[0][-1] == 10
-    assert play(points(EZPoints, [3, 4]), ["3", "+", "4", "="])[0][-1] == -1      # 7, not 12
-    assert play(points(EZPoints, [6, 6]), ["6", "="])[0][-1] == -1                # one card unused
+    assert play(points(EZPoints, [3, 4]), ["3", "+", "4", "="])[0][-1] == -1  # 7, not 12
+    assert play(points(EZPoints, [6, 6]), ["6", "="])[0][-1] == -1  # one card unused
     rewards, _, _, info = play(points(EZPoints, [2, 10]), ["5", "2", "2"])
-    assert rewards == [-1, 0, -1] and info["Formula"] == ["2"]                    # not on a card / used up
+    assert rewards == [-1, 0, -1] and info["Formula"] == ["2"]  # not on a card / used up
     assert play(points(EZPoints, [2, 10]), ["2", "+", "+", "10", "="])[0][-1] == -1  # no unary "+"
-    assert play(points(EZPoints, [2, 10]), ["="])[0] == [-1]                      # empty formula: -1, no raise
+    assert play(points(EZPoints, [2, 10]), ["="])[0] == [-1]  # empty formula: -1, no raise
     rewards, term, trunc, _ = play(points(EZPoints, [2, 10]), ["+"] * 6)
-    assert rewards[-1] == -1 and (term, trunc) == (False, True)                   # longer than 5 tokens
+    assert rewards[-1] == -1 and (term, trunc) == (False, True)  # longer than 5 tokens
 
 
 def test_points24_exact_arithmetic():
@@ -132,13 +149,13 @@ def test_blackjack_rules():
     env.reset(seed=0)
     env.player, env.dealer = [(10, "S"), (9, "H")], [(10, "D"), (8, "C")]
     info = env.info()
-    assert info["Dealer Card"] == ["10D"] and "8C" not in str(info)             # hidden card never shown
-    assert env.step(0)[1:3] == (1.0, True)                                        # 19 beats 18
+    assert info["Dealer Card"] == ["10D"] and "8C" not in str(info)  # hidden card never shown
+    assert env.step(0)[1:3] == (1.0, True)  # 19 beats 18
     env.reset(seed=0)
     env.player, env.dealer = [(10, "S"), (7, "H")], [(10, "D"), (8, "C")]
     assert env.step(0)[1] == -1.0
     env.reset(seed=0)
-    env.player, env.dealer = [(1, "S"), (7, "H")], [(10, "D"), (8, "C")]          # soft 18 vs 18: draw
+    env.player, env.dealer = [(1, "S"), (7, "H")], [(10, "D"), (8, "C")]  # soft 18 vs 18: draw
     assert env.step(0)[1] == 0.0
     env.reset(seed=0)
     env.player = [(10, "S"), (9, "H"), (5, "H")]
@@ -150,8 +167,17 @@ def test_blackjack_rules():
 def test_blackjack_oracle_basic_strategy():
     env = Blackjack()
     env.reset(seed=0)
-    cases = [([10, 7], 10, 0), ([10, 6], 6, 0), ([10, 6], 7, 1), ([10, 2], 4, 0), ([10, 2], 3, 1),
-             ([1, 7], 8, 0), ([1, 7], 9, 1), ([1, 8], 10, 0), ([5, 6], 10, 1)]
+    cases = [
+        ([10, 7], 10, 0),
+        ([10, 6], 6, 0),
+        ([10, 6], 7, 1),
+        ([10, 2], 4, 0),
+        ([10, 2], 3, 1),
+        ([1, 7], 8, 0),
+        ([1, 7], 9, 1),
+        ([1, 8], 10, 0),
+        ([5, 6], 10, 1),
+    ]
     for ranks, up, action in cases:
         env.player, env.dealer = [(r, "S") for r in ranks], [(up, "H"), (5, "D")]
         assert env.oracle() == action, (ranks, up)
@@ -205,7 +231,7 @@ def test_oracle_solves_every_solvable_points24_deal():
         total = run_episode_from_state(env)
         assert (total == 10) == can, env.info()
         solved += can
-    assert 0.6 < solved / 150 < 0.9           # about 73% of deals are solvable (the paper's figure)
+    assert 0.6 < solved / 150 < 0.9  # about 73% of deals are solvable (the paper's figure)
 
 
 def run_episode_from_state(env):
@@ -217,12 +243,16 @@ def run_episode_from_state(env):
             return total
 
 
-@pytest.mark.parametrize("cls,oracle_min,random_max", [(NumberLine, 1.0, 0.4), (EZPoints, 1.0, 0.05),
-                                                       (Points24, 0.6, 0.05), (Blackjack, 0.36, 0.33)])
+@pytest.mark.parametrize(
+    "cls,oracle_min,random_max",
+    [(NumberLine, 1.0, 0.4), (EZPoints, 1.0, 0.05), (Points24, 0.6, 0.05), (Blackjack, 0.36, 0.33)],
+)
 def test_oracle_and_random_success(cls, oracle_min, random_max):
     env, rng = cls(), np.random.default_rng(0)
     oracle = np.mean([run_episode(env, s, lambda e: e.oracle()) > 0 for s in range(300)])
-    rand = np.mean([run_episode(env, s, lambda e: int(rng.integers(e.action_space.n))) > 0 for s in range(300)])
+    rand = np.mean(
+        [run_episode(env, s, lambda e: int(rng.integers(e.action_space.n))) > 0 for s in range(300)]
+    )
     assert oracle >= oracle_min and rand <= random_max and oracle > rand, (oracle, rand)
 
 
@@ -235,31 +265,48 @@ import sys
 import torch
 import transformers
 
+import plumbing as P
 import rl4vlm_min as R
-import tiny_families
+from fixtures import tiny_families
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.mark.parametrize("text,names,expected", [
-    ('{"thoughts": "current is 1, target is 3", "action": "+"}', NumberLine.action_names, 1),
-    ('{"thoughts": "x", "action": "-"}', NumberLine.action_names, 0),
-    ('{"THOUGHTS": "x", "ACTION": "HIT"}', Blackjack.action_names, 1),                 # case does not matter
-    ('{"action": "10"}', EZPoints.action_names, 9),                                     # "10" is not "1"
-    ('{"action": "1"}', EZPoints.action_names, 0),
-    ('{"action": "*"}', EZPoints.action_names, 11),
-    ('"action": "+" then later "action": "stand"', Blackjack.action_names, 0),          # the last key counts
-    ('{"thoughts": "hit or stand?", "action": "stand"}', Blackjack.action_names, 0),   # thoughts are ignored
-])
+@pytest.mark.parametrize(
+    "text,names,expected",
+    [
+        ('{"thoughts": "current is 1, target is 3", "action": "+"}', NumberLine.action_names, 1),
+        ('{"thoughts": "x", "action": "-"}', NumberLine.action_names, 0),
+        ('{"THOUGHTS": "x", "ACTION": "HIT"}', Blackjack.action_names, 1),  # case does not matter
+        ('{"action": "10"}', EZPoints.action_names, 9),  # "10" is not "1"
+        ('{"action": "1"}', EZPoints.action_names, 0),
+        ('{"action": "*"}', EZPoints.action_names, 11),
+        (
+            '"action": "+" then later "action": "stand"',
+            Blackjack.action_names,
+            0,
+        ),  # the last key counts
+        (
+            '{"thoughts": "hit or stand?", "action": "stand"}',
+            Blackjack.action_names,
+            0,
+        ),  # thoughts are ignored
+    ],
+)
 def test_parser_table(text, names, expected):
     assert R.parse_action(text, names, np.random.default_rng(0)) == (expected, True)
 
 
-@pytest.mark.parametrize("text,names", [
-    ('{"thoughts": "move +"}', NumberLine.action_names),         # no action key
-    ('{"action": "+ or -"}', NumberLine.action_names),           # two actions
-    ('{"action": "11"}', EZPoints.action_names),                 # no legal action
-    ("", Blackjack.action_names), ("\x00\ud800 junk", Points24.action_names)])
+@pytest.mark.parametrize(
+    "text,names",
+    [
+        ('{"thoughts": "move +"}', NumberLine.action_names),  # no action key
+        ('{"action": "+ or -"}', NumberLine.action_names),  # two actions
+        ('{"action": "11"}', EZPoints.action_names),  # no legal action
+        ("", Blackjack.action_names),
+        ("\x00\ud800 junk", Points24.action_names),
+    ],
+)
 def test_parser_fallback_is_random_and_counted(text, names):
     picks = {R.parse_action(text, names, np.random.default_rng(s)) for s in range(300)}
     assert all(ok is False for _, ok in picks) and {i for i, _ in picks} == set(range(len(names)))
@@ -267,7 +314,11 @@ def test_parser_fallback_is_random_and_counted(text, names):
 
 def test_parser_never_raises_on_random_strings():
     rng = np.random.default_rng(0)
-    alphabet = list('"action:{}, +-*/()=0123456789 standhit\n\\') + ["\u00e9", "\u2603", '"action":']
+    alphabet = list('"action:{}, +-*/()=0123456789 standhit\n\\') + [
+        "\u00e9",
+        "\u2603",
+        '"action":',
+    ]
     for _ in range(10_000):
         text = "".join(rng.choice(alphabet, size=int(rng.integers(0, 40))))
         for names in (NumberLine.action_names, Points24.action_names):
@@ -281,11 +332,11 @@ def test_gae_hand_worked():
     values = torch.tensor([[0.5], [1.0], [2.0]])
     dones = torch.tensor([[0.0], [1.0], [0.0]])
     adv, ret = R.compute_gae(rewards, values, dones, torch.tensor([4.0]), gamma=0.5, gae_lambda=0.5)
-    d2 = 3 + 0.5 * 4 - 2                  # 3.0, bootstrapped from next_value
-    d1 = 2 - 1                            # 1.0, no bootstrap across the episode end
-    d0 = 1 + 0.5 * 1.0 - 0.5              # 1.0
-    a1 = d1                               # the trace is cut at the done
-    a0 = d0 + 0.25 * a1                   # 1.25
+    d2 = 3 + 0.5 * 4 - 2  # 3.0, bootstrapped from next_value
+    d1 = 2 - 1  # 1.0, no bootstrap across the episode end
+    d0 = 1 + 0.5 * 1.0 - 0.5  # 1.0
+    a1 = d1  # the trace is cut at the done
+    a0 = d0 + 0.25 * a1  # 1.25
     assert torch.allclose(adv[:, 0], torch.tensor([a0, a1, d2]))
     assert torch.allclose(ret, adv + values)
 
@@ -306,16 +357,23 @@ def fresh_policy(tiny, thought_coef=0.5, temperature=1.0):
 
 def prompts_of(policy, task, infos, cot=True):
     names = envs.TASKS[task].action_names
-    return [R.chat_prompt(policy.processor, R.build_prompt(task, info, names, cot)) for info in infos]
+    return [
+        R.chat_prompt(policy.processor, R.build_prompt(task, info, names, cot)) for info in infos
+    ]
 
 
 def test_tiny_model_is_deterministic_and_round_trips(tiny, tmp_path):
     path, processor, vlm = tiny
     again = R.build_tiny_model(str(tmp_path), seed=0)
     _, vlm2 = R.load_model(again, torch.device("cpu"), torch.float32)
-    assert all(torch.equal(a, b) for a, b in zip(vlm.state_dict().values(), vlm2.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(vlm.state_dict().values(), vlm2.state_dict().values())
+    )
     text = '{"thoughts": "numbers are 10, 2", "action": "+"}'
-    assert processor.tokenizer.decode(processor.tokenizer(text, add_special_tokens=False).input_ids) == text
+    assert (
+        processor.tokenizer.decode(processor.tokenizer(text, add_special_tokens=False).input_ids)
+        == text
+    )
 
 
 def test_tiny_vocabulary_covers_every_prompt_and_answer(tiny):
@@ -323,7 +381,7 @@ def test_tiny_vocabulary_covers_every_prompt_and_answer(tiny):
     rng = np.random.default_rng(7)
     for task, cls in envs.TASKS.items():
         env = cls()
-        for seed in range(5000, 5030):      # seeds the corpus never saw
+        for seed in range(5000, 5030):  # seeds the corpus never saw
             _, info = env.reset(seed=seed)
             for _ in range(8):
                 texts = [R.build_prompt(task, info, cls.action_names, cot) for cot in (True, False)]
@@ -338,18 +396,40 @@ def test_tiny_vocabulary_covers_every_prompt_and_answer(tiny):
 
 def test_prompt_keeps_image_state_out_of_text():
     nl = R.build_prompt("numberline", {"Target": 4, "Current": 1}, NumberLine.action_names, True)
-    assert "4" not in nl and "1" not in nl and '"-", "+"' in nl and nl.index("thoughts") < nl.index('"action"')
-    ez = R.build_prompt("ezpoints", {"Cards": ["7H", "5S"], "Numbers": [7, 5], "Formula": ["7", "+"]}, EZPoints.action_names, False)
+    assert (
+        "4" not in nl
+        and "1" not in nl
+        and '"-", "+"' in nl
+        and nl.index("thoughts") < nl.index('"action"')
+    )
+    ez = R.build_prompt(
+        "ezpoints",
+        {"Cards": ["7H", "5S"], "Numbers": [7, 5], "Formula": ["7", "+"]},
+        EZPoints.action_names,
+        False,
+    )
     assert '"7 +"' in ez and "5S" not in ez and "thoughts" not in ez
-    bj = R.build_prompt("blackjack", {"Player Card": ["9H", "8S"], "Player Total": 17, "Dealer Card": ["KD"], "Dealer Total": 10},
-                        Blackjack.action_names, True)
+    bj = R.build_prompt(
+        "blackjack",
+        {
+            "Player Card": ["9H", "8S"],
+            "Player Total": 17,
+            "Dealer Card": ["KD"],
+            "Dealer Total": 10,
+        },
+        Blackjack.action_names,
+        True,
+    )
     assert "17" not in bj and "KD" not in bj
 
 
 def test_lambda_split_on_handmade_answer(tiny):
     policy = fresh_policy(tiny, thought_coef=0.0)
     tok = policy.processor.tokenizer
-    thought, action = '{"thoughts": "current is 1, target is 3",', ' "action": "+"}'     # ' "' is one token
+    thought, action = (
+        '{"thoughts": "current is 1, target is 3",',
+        ' "action": "+"}',
+    )  # ' "' is one token
     ids = tok(thought + action, add_special_tokens=False).input_ids + [tok.eos_token_id]
     n_thought = len(tok(thought, add_special_tokens=False).input_ids)
     weights = policy.token_weights(ids)
@@ -358,9 +438,15 @@ def test_lambda_split_on_handmade_answer(tiny):
     env = NumberLine()
     obs, info = env.reset(seed=0)
     with torch.no_grad():
-        lp0, _, _, _ = policy.score([obs], prompts_of(policy, "numberline", [info]), [ids], [weights])
-        lp_all, _, _, _ = policy.score([obs], prompts_of(policy, "numberline", [info]), [ids], [[1.0] * len(ids)])
-        lp_thought, _, _, _ = policy.score([obs], prompts_of(policy, "numberline", [info]), [ids], [[1.0 - w for w in weights]])
+        lp0, _, _, _ = policy.score(
+            [obs], prompts_of(policy, "numberline", [info]), [ids], [weights]
+        )
+        lp_all, _, _, _ = policy.score(
+            [obs], prompts_of(policy, "numberline", [info]), [ids], [[1.0] * len(ids)]
+        )
+        lp_thought, _, _, _ = policy.score(
+            [obs], prompts_of(policy, "numberline", [info]), [ids], [[1.0 - w for w in weights]]
+        )
     assert torch.allclose(lp0 + lp_thought, lp_all, atol=1e-5) and lp0 > lp_all
 
 
@@ -372,7 +458,7 @@ def test_lora_starts_as_identity_and_merges(tiny):
     with torch.no_grad():
         before = policy.vlm(**batch).logits
         n = R.add_lora(policy.vlm, rank=4, alpha=8, dropout=0.0, targets="language")
-        assert n == 14                          # 2 layers x (q, k, v, o, gate, up, down)
+        assert n == 14  # 2 layers x (q, k, v, o, gate, up, down)
         assert torch.equal(policy.vlm(**batch).logits, before)
         trainable = [name for name, p in policy.vlm.named_parameters() if p.requires_grad]
         assert trainable and all("lora_" in name for name in trainable)
@@ -381,7 +467,7 @@ def test_lora_starts_as_identity_and_merges(tiny):
                 p.normal_(0, 0.1)
         adapted = policy.vlm(**batch).logits
         assert not torch.allclose(adapted, before, atol=1e-4)
-        R.merge_lora(policy.vlm)
+        P.merge_lora(policy.vlm)
         assert not any(isinstance(m, R.LoRALinear) for m in policy.vlm.modules())
         assert torch.allclose(policy.vlm(**batch).logits, adapted, atol=1e-4)
 
@@ -390,10 +476,13 @@ def test_scored_logprobs_match_generate_on_left_padded_batch(tiny):
     policy = fresh_policy(tiny, temperature=0.7)
     env = Points24()
     frames, infos = [], []
-    for seed, n_tokens in ((0, 0), (1, 5)):     # different formula lengths -> different prompt lengths -> left padding
+    for seed, n_tokens in (
+        (0, 0),
+        (1, 5),
+    ):  # different formula lengths -> different prompt lengths -> left padding
         obs, info = env.reset(seed=seed)
         for _ in range(n_tokens):
-            obs, _, _, _, info = env.step(10)      # "+" is always appended
+            obs, _, _, _, info = env.step(10)  # "+" is always appended
         frames.append(obs)
         infos.append(info)
     prompts = prompts_of(policy, "points24", infos)
@@ -401,24 +490,55 @@ def test_scored_logprobs_match_generate_on_left_padded_batch(tiny):
     assert (batch["attention_mask"] == 0).any()
     torch.manual_seed(0)
     with torch.no_grad():
-        out = policy.vlm.generate(**batch, do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=12,
-                                  suppress_tokens=policy.banned, pad_token_id=policy.pad_id, eos_token_id=policy.eos_id,
-                                  output_scores=True, return_dict_in_generate=True)
+        out = policy.vlm.generate(
+            **batch,
+            do_sample=True,
+            temperature=0.7,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=12,
+            suppress_tokens=policy.banned,
+            pad_token_id=policy.pad_id,
+            eos_token_id=policy.eos_id,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
     P = batch["input_ids"].shape[1]
     answers, reported = [], []
     for b in range(2):
         ids = out.sequences[b, P:].tolist()
         ids = ids[: ids.index(policy.eos_id) + 1] if policy.eos_id in ids else ids
         answers.append(ids)
-        reported.append(sum(out.scores[t][b].log_softmax(-1)[tok].item() for t, tok in enumerate(ids)))
+        reported.append(
+            sum(out.scores[t][b].log_softmax(-1)[tok].item() for t, tok in enumerate(ids))
+        )
     with torch.no_grad():
         scored, _, _, _ = policy.score(frames, prompts, answers, [[1.0] * len(a) for a in answers])
     assert torch.allclose(scored, torch.tensor(reported), atol=1e-3), (scored, reported)
 
 
 def small_args(tmp, *extra):
-    return R.parse_args(["--num-envs", "4", "--num-steps", "4", "--minibatch-size", "8", "--micro-batch-size", "4",
-                         "--total-steps", "16", "--sft-steps", "2", "--eval-episodes", "4", "--output-dir", str(tmp), *extra])
+    return R.parse_args(
+        [
+            "--num-envs",
+            "4",
+            "--num-steps",
+            "4",
+            "--num-minibatches",
+            "2",
+            "--micro-batch-size",
+            "4",
+            "--total-steps",
+            "16",
+            "--sft-steps",
+            "2",
+            "--eval-episodes",
+            "4",
+            "--output-dir",
+            str(tmp),
+            *extra,
+        ]
+    )
 
 
 def one_rollout(policy, args, rng):
@@ -427,21 +547,55 @@ def one_rollout(policy, args, rng):
     first = [env.reset(seed=i) for i, env in enumerate(vec["envs"])]
     vec["obs"], vec["infos"] = [o for o, _ in first], [i for _, i in first]
     data = R.rollout(policy, vec, args, rng, [])
-    return (data, *R.compute_gae(data["rewards"], data["values"], data["dones"], data["next_value"], 0.9, 0.95))
+    return (
+        data,
+        *R.compute_gae(
+            data["rewards"], data["values"], data["dones"], data["next_value"], 0.9, 0.95
+        ),
+    )
 
 
 def test_ratio_is_one_on_first_minibatch(tiny, tmp_path):
-    args = small_args(tmp_path, "--update-epochs", "1", "--minibatch-size", "16", "--micro-batch-size", "16")
+    args = small_args(
+        tmp_path, "--update-epochs", "1", "--num-minibatches", "1", "--micro-batch-size", "16"
+    )
     policy = fresh_policy(tiny)
     data, adv, ret = one_rollout(policy, args, np.random.default_rng(0))
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
-    stats = R.ppo_update(policy, optimizer, data, adv, ret, args, torch.Generator().manual_seed(0), update=1)
-    assert stats["first_ratio_dev"] < 1e-4 and abs(stats["approx_kl"]) < 1e-7 and stats["clipfrac"] == 0
+    stats = R.ppo_update(
+        policy, optimizer, data, adv, ret, args, torch.Generator().manual_seed(0), update=1
+    )
+    assert (
+        stats["first_ratio_dev"] < 1e-4
+        and abs(stats["approx_kl"]) < 1e-7
+        and stats["clipfrac"] == 0
+    )
 
 
-PAPER_TINY = ["--preset", "paper", "--num-envs", "2", "--num-steps", "4", "--minibatch-size", "8", "--micro-batch-size",
-              "4", "--total-steps", "16", "--sft-steps", "4", "--sft-lr", "1e-2", "--max-new-tokens", "12",
-              "--eval-episodes", "2", "--lora-rank", "8"]
+PAPER_TINY = [
+    "--preset",
+    "paper",
+    "--num-envs",
+    "2",
+    "--num-steps",
+    "4",
+    "--num-minibatches",
+    "1",
+    "--micro-batch-size",
+    "4",
+    "--total-steps",
+    "16",
+    "--sft-steps",
+    "4",
+    "--sft-lr",
+    "1e-2",
+    "--max-new-tokens",
+    "12",
+    "--eval-episodes",
+    "2",
+    "--lora-rank",
+    "8",
+]
 
 
 def test_paper_preset_trains_lora_in_sft_and_rl_with_ratio_one_every_update(tmp_path, capsys):
@@ -449,12 +603,18 @@ def test_paper_preset_trains_lora_in_sft_and_rl_with_ratio_one_every_update(tmp_
     minibatch's ratio is 1 on update 2 too, when the adapters are no longer zero."""
     R.main([*PAPER_TINY, "--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "SFT trains" in out and "RL trains" in out and out.count("LoRA rank 8 adapters") == 2, out
+    assert "SFT trains" in out and "RL trains" in out and out.count("LoRA rank 8 adapters") == 2, (
+        out
+    )
     sft_line = next(line for line in out.splitlines() if line.startswith("SFT trains"))
-    assert int(sft_line.split()[2].replace(",", "")) < 0.5 * 533_888, sft_line      # adapters, not every weight
+    assert int(sft_line.split()[2].replace(",", "")) < 0.5 * 533_888, (
+        sft_line
+    )  # adapters, not every weight
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # dropout left on in the update gave |ratio - 1| = 0.97 and 1.00 here; off: 0 (fp32 batch shapes: ~1e-5)
-    assert len(rows) == 2 and all(r["first_ratio_dev"] < 1e-4 for r in rows), [r["first_ratio_dev"] for r in rows]
+    assert len(rows) == 2 and all(r["first_ratio_dev"] < 1e-4 for r in rows), [
+        r["first_ratio_dev"] for r in rows
+    ]
 
 
 def test_notebook_order_trains_what_the_cli_trains(tmp_path):
@@ -462,7 +622,9 @@ def test_notebook_order_trains_what_the_cli_trains(tmp_path):
     before SFT exactly as train() does."""
     counts = []
     for k in range(2):
-        args = R.parse_args([*PAPER_TINY, "--sft-steps", "1", "--output-dir", str(tmp_path / str(k))])
+        args = R.parse_args(
+            [*PAPER_TINY, "--sft-steps", "1", "--output-dir", str(tmp_path / str(k))]
+        )
         policy, rng, _ = R.setup(args)
         if k == 0:
             R.sft_warm_start(policy, args, rng)
@@ -489,19 +651,29 @@ def test_checkpoint_sampling_settings_do_not_leak_into_generate(tmp_path):
     batch = policy.encode_prompts(frames, prompts)
     torch.manual_seed(0)
     with torch.no_grad():
-        out = policy.vlm.generate(**batch, generation_config=policy.sampling_config(False, 16), output_scores=True,
-                                  return_dict_in_generate=True)
+        out = policy.vlm.generate(
+            **batch,
+            generation_config=P.sampling_config(policy, False, 16),
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
     torch.manual_seed(0)
-    played = policy.generate(list(frames), prompts, False, 16)       # what the rollout samples: the same tokens
-    P, answers, sampled = batch["input_ids"].shape[1], [], []
+    played = policy.generate(
+        list(frames), prompts, False, 16
+    )  # what the rollout samples: the same tokens
+    n_prompt, answers, sampled = batch["input_ids"].shape[1], [], []
     for b in range(4):
-        ids = out.sequences[b, P:].tolist()
+        ids = out.sequences[b, n_prompt:].tolist()
         ids = ids[: ids.index(policy.eos_id) + 1] if policy.eos_id in ids else ids
         answers.append(ids)
-        sampled.append(sum(out.scores[t][b].log_softmax(-1)[tok].item() for t, tok in enumerate(ids)))
+        sampled.append(
+            sum(out.scores[t][b].log_softmax(-1)[tok].item() for t, tok in enumerate(ids))
+        )
     assert answers == played
     with torch.no_grad():
-        scored, _, _, _ = policy.score(list(frames), prompts, answers, [[1.0] * len(a) for a in answers])
+        scored, _, _, _ = policy.score(
+            list(frames), prompts, answers, [[1.0] * len(a) for a in answers]
+        )
     assert torch.allclose(scored, torch.tensor(sampled), atol=1e-4), (scored, sampled)
 
 
@@ -512,32 +684,53 @@ def test_critic_reads_the_state_not_the_answer(tiny):
     processor, vlm = R.load_model(path, torch.device("cpu"), torch.float32)
     policy = R.Policy(vlm, processor, 1.0, 0.5, value_input="mean")
     seen = []
-    policy.value_head.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach()))
+    policy.value_head.register_forward_pre_hook(
+        lambda module, inputs: seen.append(inputs[0].detach())
+    )
     frames, infos = zip(*[numberline(t, c).obs() for t, c in ((0, 5), (5, 0), (2, 3), (3, 2))])
     prompts = prompts_of(policy, "numberline", infos)
-    assert len(set(prompts)) == 1                       # the numbers are in the frame only
+    assert len(set(prompts)) == 1  # the numbers are in the frame only
     values = policy.value(list(frames), prompts)
-    features = seen[-1]                                 # (4, H)
+    features = seen[-1]  # (4, H)
     spread = (features - features.mean(0)).abs().max(1).values
     assert (spread > 1e-3 * features.abs().mean()).all(), spread
-    answers = [processor.tokenizer(R.answer_text("numberline", infos[0], a, True), add_special_tokens=False).input_ids
-               for a in ("+", "-")]
+    answers = [
+        processor.tokenizer(
+            R.answer_text("numberline", infos[0], a, True), add_special_tokens=False
+        ).input_ids
+        for a in ("+", "-")
+    ]
     with torch.no_grad():
-        v = [policy.score([frames[0]], prompts[:1], [ids], [[1.0] * len(ids)])[1] for ids in answers]
+        v = [
+            policy.score([frames[0]], prompts[:1], [ids], [[1.0] * len(ids)])[1] for ids in answers
+        ]
     assert torch.allclose(v[0], v[1]) and torch.allclose(v[0], values[:1], atol=1e-5)
 
 
 def test_kl_to_the_reference_is_zero_until_the_policy_moves(tiny, tmp_path):
     """--kl-coef: the reference is a frozen copy of the policy at RL start, so kl_ref is exactly 0 on the first
     minibatch, > 0 once the policy has taken a step, and the reference itself never changes."""
-    args = small_args(tmp_path, "--kl-coef", "0.1", "--update-epochs", "1", "--minibatch-size", "16",
-                      "--micro-batch-size", "16")
+    args = small_args(
+        tmp_path,
+        "--kl-coef",
+        "0.1",
+        "--update-epochs",
+        "1",
+        "--num-minibatches",
+        "1",
+        "--micro-batch-size",
+        "16",
+    )
     policy = fresh_policy(tiny)
     optimizer = R.start_rl(policy, args)
     frozen = {k: v.clone() for k, v in policy.reference.state_dict().items()}
     data, adv, ret = one_rollout(policy, args, np.random.default_rng(0))
-    first = R.ppo_update(policy, optimizer, data, adv, ret, args, torch.Generator().manual_seed(0), update=1)
-    second = R.ppo_update(policy, optimizer, data, adv, ret, args, torch.Generator().manual_seed(0), update=2)
+    first = R.ppo_update(
+        policy, optimizer, data, adv, ret, args, torch.Generator().manual_seed(0), update=1
+    )
+    second = R.ppo_update(
+        policy, optimizer, data, adv, ret, args, torch.Generator().manual_seed(0), update=2
+    )
     assert first["kl_ref"] == 0.0 and second["kl_ref"] > 1e-6, (first["kl_ref"], second["kl_ref"])
     assert all(torch.equal(v, policy.reference.state_dict()[k]) for k, v in frozen.items())
     assert not any(p.requires_grad for p in policy.reference.parameters())
@@ -551,7 +744,9 @@ def test_nan_stops_the_update_with_a_message(tiny, tmp_path):
         policy.value_head[-1].bias.fill_(float("nan"))
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
     with pytest.raises(FloatingPointError, match="the value is NaN or inf at update 7, epoch 0"):
-        R.ppo_update(policy, optimizer, data, adv, ret, args, torch.Generator().manual_seed(0), update=7)
+        R.ppo_update(
+            policy, optimizer, data, adv, ret, args, torch.Generator().manual_seed(0), update=7
+        )
 
 
 def test_entropy_bonus_changes_the_gradient(tiny):
@@ -562,7 +757,9 @@ def test_entropy_bonus_changes_the_gradient(tiny):
     grads = []
     for ent_coef in (0.0, 1.0):
         policy.zero_grad()
-        logprob, value, entropy, _ = policy.score([obs], prompts_of(policy, "numberline", [info]), ids, [[1.0] * len(ids[0])])
+        logprob, value, entropy, _ = policy.score(
+            [obs], prompts_of(policy, "numberline", [info]), ids, [[1.0] * len(ids[0])]
+        )
         (logprob.sum() * 0 - ent_coef * entropy.mean()).backward()
         grads.append(policy.vlm.get_output_embeddings().weight.grad.abs().sum().item())
     assert grads[0] == 0 and grads[1] > 0
@@ -571,12 +768,34 @@ def test_entropy_bonus_changes_the_gradient(tiny):
 # ---- THE CLI ----
 def run_cli(*argv, timeout=600):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, os.path.join(HERE, "rl4vlm_min.py"), *argv], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=HERE)
+    return subprocess.run(
+        [sys.executable, os.path.join(HERE, "rl4vlm_min.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=HERE,
+    )
 
 
-TINY_RUN = ["--num-envs", "4", "--num-steps", "4", "--minibatch-size", "8", "--micro-batch-size", "4", "--total-steps", "32",
-            "--sft-steps", "3", "--eval-episodes", "4", "--max-new-tokens", "24"]
+TINY_RUN = [
+    "--num-envs",
+    "4",
+    "--num-steps",
+    "4",
+    "--num-minibatches",
+    "2",
+    "--micro-batch-size",
+    "4",
+    "--total-steps",
+    "32",
+    "--sft-steps",
+    "3",
+    "--eval-episodes",
+    "4",
+    "--max-new-tokens",
+    "24",
+]
 
 
 def test_cli_end_to_end_and_deterministic(tmp_path):
@@ -587,53 +806,131 @@ def test_cli_end_to_end_and_deterministic(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "before RL" in proc.stdout and "after RL" in proc.stdout
         summary = json.loads((out / "summary.json").read_text())
-        for key in ("eval_success_before_rl", "eval_success_after_rl", "eval_greedy_success_before_rl",
-                    "eval_greedy_success_after_rl", "random_success", "oracle_success"):
+        for key in (
+            "eval_success_before_rl",
+            "eval_success_after_rl",
+            "eval_greedy_success_before_rl",
+            "eval_greedy_success_after_rl",
+            "random_success",
+            "oracle_success",
+        ):
             assert 0.0 <= summary[key] <= 1.0, key
         assert summary["env_steps"] == 32
-        for name in ("metrics.jsonl", "learning_curve.png", "checkpoint/policy.safetensors", "checkpoint/state.pt",
-                     "final_model/config.json", "final_model/value_head.safetensors"):
+        for name in (
+            "metrics.jsonl",
+            "learning_curve.png",
+            "checkpoint/policy.safetensors",
+            "checkpoint/state.pt",
+            "final_model/config.json",
+            "final_model/value_head.safetensors",
+        ):
             assert (out / name).exists(), name
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert len(rows) == 2
-        runs.append(([{k: v for k, v in r.items() if k != "steps_per_second"} for r in rows],
-                     {k: v for k, v in summary.items() if k != "wall_seconds"}))
+        runs.append(
+            (
+                [{k: v for k, v in r.items() if k != "steps_per_second"} for r in rows],
+                {k: v for k, v in summary.items() if k != "wall_seconds"},
+            )
+        )
     assert runs[0] == runs[1]
 
 
 @pytest.mark.parametrize("task", envs.TASKS)
 def test_each_game_default_configuration_completes(task, tmp_path):
     """Each game's default settings (SFT oracle share, critic input, KL reference) on a tiny schedule."""
-    R.main(["--task", task, "--num-envs", "2", "--num-steps", "2", "--minibatch-size", "2", "--micro-batch-size",
-            "2", "--total-steps", "8", "--sft-steps", "2", "--eval-episodes", "2", "--max-new-tokens", "16",
-            "--output-dir", str(tmp_path)])
+    R.main(
+        [
+            "--task",
+            task,
+            "--num-envs",
+            "2",
+            "--num-steps",
+            "2",
+            "--num-minibatches",
+            "2",
+            "--micro-batch-size",
+            "2",
+            "--total-steps",
+            "8",
+            "--sft-steps",
+            "2",
+            "--eval-episodes",
+            "2",
+            "--max-new-tokens",
+            "16",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(np.isfinite(r["kl_ref"]) and r["kl_ref"] >= 0 for r in rows)
     assert json.loads((tmp_path / "summary.json").read_text())["task"] == task
 
 
-@pytest.mark.parametrize("argv,message", [(["--task", "chess"], "task"), (["--learning-rate", "-1"], "learning rate"),
-                                          (["--num-steps", "0"], "num-steps"), (["--minibatch-size", "48"], "divide"),
-                                          (["--model", "/no/such/model", "--sft-steps", "0"], "cannot load"),
-                                          (["--output-dir", "/proc/no/such/dir"], "cannot write"),
-                                          (["--resume", "/no/such/run"], "holds no checkpoint")])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--task", "chess"], "task"),
+        (["--learning-rate", "-1"], "learning rate"),
+        (["--num-steps", "0"], "num-steps"),
+        (["--num-minibatches", "200"], "num-minibatches"),
+        (["--model", "/no/such/model", "--sft-steps", "0"], "cannot load"),
+        (["--output-dir", "/proc/no/such/dir"], "cannot write"),
+        (["--resume", "/no/such/run"], "holds no checkpoint"),
+    ],
+)
 def test_cli_bad_values_exit_2_with_one_line(argv, message):
     proc = run_cli(*argv, timeout=120)
-    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert (
+        proc.returncode == 2
+        and message in proc.stderr
+        and len(proc.stderr.strip().splitlines()) == 1
+    ), proc.stderr
 
 
 # ---- THE NOTEBOOK: executed top to bottom; its run time shows in pytest's --durations report ----
+def notebook_text(nb):
+    return "".join(
+        out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
+    )
+
+
 def test_notebook_runs_top_to_bottom(monkeypatch):
     import nbformat
     from nbclient import NotebookClient
-    # every cell runs, on a shorter schedule than a lecture's (the default command: 282 s here)
+
+    # every cell runs, on a shorter schedule than a lecture's, on a copy (the stored outputs stay)
     monkeypatch.setenv("NOTEBOOK_FLAGS", "--sft-steps 60 --total-steps 256 --eval-episodes 20")
     nb = nbformat.read(os.path.join(HERE, "NOTEBOOK.ipynb"), as_version=4)
-    assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), "store the notebook with outputs cleared"
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": HERE}}).execute()
-    text = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = []
+    NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": HERE}}
+    ).execute()
+    text = notebook_text(nb)
     assert "after RL" in text and "notebook ran in" in text
-    print(text[text.index("eval success"):])
+    print(text[text.index("eval success") :])
+
+
+def test_notebook_outputs_come_from_the_current_code():
+    """The stored outputs (a lecture-schedule run) name the code digest they came from: a change to
+    the lecture files without rerunning the notebook fails here."""
+    import hashlib
+
+    import nbformat
+
+    nb = nbformat.read(os.path.join(HERE, "NOTEBOOK.ipynb"), as_version=4)
+    text = notebook_text(nb)
+    assert "eval success (100 episodes)" in text, "commit the notebook with a lecture run's outputs"
+    files = ("rl4vlm_min.py", "envs.py", "plumbing.py")
+    blob = b"".join(open(os.path.join(HERE, f), "rb").read() for f in files)
+    digest = hashlib.sha1(blob).hexdigest()[:12]
+    assert f"code digest {digest}" in text, (
+        "NOTEBOOK.ipynb's outputs come from older code: rerun it (jupyter execute --inplace "
+        "NOTEBOOK.ipynb) and commit it"
+    )
 
 
 # ---- ROBUSTNESS: hostile inputs, interrupted checkpoint writes ----
@@ -643,8 +940,10 @@ def test_envs_take_100k_random_actions():
         env = cls()
         obs, _ = env.reset(seed=0)
         for step in range(25_000):
-            obs, reward, terminated, truncated, info = env.step(int(rng.integers(env.action_space.n)))
-            if step % 50 == 0:              # the space check costs more than the step: sample it
+            obs, reward, terminated, truncated, info = env.step(
+                int(rng.integers(env.action_space.n))
+            )
+            if step % 50 == 0:  # the space check costs more than the step: sample it
                 assert env.observation_space.contains(obs)
             assert isinstance(reward, float) and isinstance(info, dict)
             if terminated or truncated:
@@ -653,12 +952,32 @@ def test_envs_take_100k_random_actions():
 
 def test_parser_takes_100k_hostile_strings():
     rng = np.random.default_rng(1)
-    pieces = ['"action":', '"action": "', '"', "\\", "{", "}", "10", "1", "+", "-", "stand", "hit", " ", "\n",
-              "\u00e9", "\U0001F600", "\ud800", "\x00", "ACTION", '"action":"action":']
+    pieces = [
+        '"action":',
+        '"action": "',
+        '"',
+        "\\",
+        "{",
+        "}",
+        "10",
+        "1",
+        "+",
+        "-",
+        "stand",
+        "hit",
+        " ",
+        "\n",
+        "\u00e9",
+        "\U0001f600",
+        "\ud800",
+        "\x00",
+        "ACTION",
+        '"action":"action":',
+    ]
     for k in range(100_000):
         text = "".join(rng.choice(pieces, size=int(rng.integers(0, 30))))
         if k % 5000 == 0:
-            text = text * 20_000 + '"action": "+"'          # huge
+            text = text * 20_000 + '"action": "+"'  # huge
         for names in (NumberLine.action_names, Points24.action_names, Blackjack.action_names):
             index, ok = R.parse_action(text, names, rng)
             assert 0 <= index < len(names)
@@ -666,21 +985,25 @@ def test_parser_takes_100k_hostile_strings():
 
 def test_interrupted_checkpoint_write_keeps_the_old_one(tiny, tmp_path, monkeypatch):
     from safetensors.torch import load_file
+
     policy = fresh_policy(tiny)
-    R.save_checkpoint(policy, {"update": 1}, dict(update=1), str(tmp_path))
+    P.write_checkpoint(policy, {"update": 1}, dict(update=1), str(tmp_path))
     saved = load_file(tmp_path / "checkpoint" / "policy.safetensors")
     with torch.no_grad():
         policy.value_head[-1].bias.add_(1.0)
 
     def crash(*a, **k):
         raise KeyboardInterrupt("killed while writing")
-    monkeypatch.setattr(torch, "save", crash)             # dies after the weights, before the state file
+
+    monkeypatch.setattr(torch, "save", crash)  # dies after the weights, before the state file
     with pytest.raises(KeyboardInterrupt):
-        R.save_checkpoint(policy, {"update": 2}, dict(update=2), str(tmp_path))
+        P.write_checkpoint(policy, {"update": 2}, dict(update=2), str(tmp_path))
     again = load_file(tmp_path / "checkpoint" / "policy.safetensors")
     assert all(torch.equal(saved[k], again[k]) for k in saved)
     assert json.loads((tmp_path / "checkpoint" / "meta.json").read_text())["update"] == 1
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".checkpoint-")]     # no half-written leftovers
+    assert not [
+        p for p in tmp_path.iterdir() if p.name.startswith(".checkpoint-")
+    ]  # no half-written leftovers
 
 
 def test_env_state_round_trips():
@@ -689,8 +1012,8 @@ def test_env_state_round_trips():
         a, b = cls(), cls()
         a.reset(seed=3)
         a.step(0)
-        b.set_state(a.get_state())
-        for _ in range(100):            # same moves, same frames, rewards and deals, across resets
+        P.set_env_state(b, P.env_state(a))
+        for _ in range(100):  # same moves, same frames, rewards and deals, across resets
             action = int(rng.integers(a.action_space.n))
             (obs_a, *rest_a), (obs_b, *rest_b) = a.step(action), b.step(action)
             assert np.array_equal(obs_a, obs_b) and rest_a == rest_b
@@ -698,33 +1021,57 @@ def test_env_state_round_trips():
                 a.reset(), b.reset()
 
 
-RUN3 = ["--num-envs", "4", "--num-steps", "4", "--minibatch-size", "8", "--micro-batch-size", "4", "--total-steps", "48",
-        "--sft-steps", "3", "--eval-episodes", "4", "--max-new-tokens", "24", "--save-every", "1"]     # 3 updates
+RUN3 = [
+    "--num-envs",
+    "4",
+    "--num-steps",
+    "4",
+    "--num-minibatches",
+    "2",
+    "--micro-batch-size",
+    "4",
+    "--total-steps",
+    "48",
+    "--sft-steps",
+    "3",
+    "--eval-episodes",
+    "4",
+    "--max-new-tokens",
+    "24",
+    "--save-every",
+    "1",
+]  # 3 updates
 
 
 def test_nan_stops_the_run_and_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
     def outcome(out):
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         summary = json.loads((out / "summary.json").read_text())
-        return ([{k: v for k, v in r.items() if k != "steps_per_second"} for r in rows],
-                {k: v for k, v in summary.items() if k != "wall_seconds"})
+        return (
+            [{k: v for k, v in r.items() if k != "steps_per_second"} for r in rows],
+            {k: v for k, v in summary.items() if k != "wall_seconds"},
+        )
+
     full, cut = tmp_path / "full", tmp_path / "cut"
     R.main([*RUN3, "--output-dir", str(full)])
     real_rollout = R.rollout
 
     def poisoned(policy, vec, args, rng, episodes, update=0):
-        if update == 2:                 # a NaN appears in the second update's rollout
+        if update == 2:  # a NaN appears in the second update's rollout
             with torch.no_grad():
                 policy.value_head[-1].bias.fill_(float("nan"))
         return real_rollout(policy, vec, args, rng, episodes, update)
+
     monkeypatch.setattr(R, "rollout", poisoned)
     with pytest.raises(SystemExit) as stop:
         R.main([*RUN3, "--output-dir", str(cut)])
     assert stop.value.code == 3
     assert "the rollout value is NaN or inf at update 2, rollout step 0" in capsys.readouterr().err
-    assert json.loads((cut / "checkpoint" / "meta.json").read_text())["update"] == 1      # the last good one is kept
+    assert (
+        json.loads((cut / "checkpoint" / "meta.json").read_text())["update"] == 1
+    )  # the last good one is kept
     monkeypatch.undo()
-    with pytest.raises(SystemExit) as stop:     # a checkpoint of another task is refused
+    with pytest.raises(SystemExit) as stop:  # a checkpoint of another task is refused
         R.main(["--task", "ezpoints", "--resume", str(cut)])
     assert stop.value.code == 2 and "made with --task 'numberline'" in capsys.readouterr().err
     R.main(["--resume", str(cut)])
@@ -734,42 +1081,83 @@ def test_nan_stops_the_run_and_resume_equals_the_uninterrupted_run(tmp_path, mon
 
 # ---- REAL CHECKPOINT FAMILIES: tiny random checkpoints of each, built and saved here, loaded like real ones ----
 # image tokens of a 300x300 frame after family_bounds()
-# The tiny checkpoints' geometry is unlike any real one's (tiny_families.py), so these counts hold only if the bounds
+# The tiny checkpoints' geometry is unlike any real one's (fixtures/tiny_families.py), so these counts hold only if the bounds
 # are derived from each checkpoint's own configuration: LLaVA-NeXT 32 px / patch 8 = 16 tokens a view, base view +
 # one tile + 4 row ends = 36 (a hard-coded 336-px tile fails on it).
-IMAGE_TOKENS = {"llava": 16, "llava_next": 36, "llava_onevision": 78, "qwen2_vl": 81, "qwen2_5_vl": 81,
-                "idefics3": 16, "smolvlm": 4}
+IMAGE_TOKENS = {
+    "llava": 16,
+    "llava_next": 36,
+    "llava_onevision": 78,
+    "qwen2_vl": 81,
+    "qwen2_5_vl": 81,
+    "idefics3": 16,
+    "smolvlm": 4,
+}
 
 
 @pytest.mark.parametrize("family", tiny_families.FAMILIES)
 def test_real_family_checkpoint_trains_two_updates(family, tmp_path):
     path = tiny_families.build_tiny_checkpoint(family, str(tmp_path / "model"))
     out = tmp_path / "run"
-    R.main(["--model", path, "--task", "blackjack", "--num-envs", "2", "--num-steps", "2", "--minibatch-size", "2",
-            "--micro-batch-size", "1", "--total-steps", "8", "--sft-steps", "1", "--sft-batch-size", "2",
-            "--eval-episodes", "1", "--max-new-tokens", "6", "--lora-rank", "4", "--output-dir", str(out)])
+    R.main(
+        [
+            "--model",
+            path,
+            "--task",
+            "blackjack",
+            "--num-envs",
+            "2",
+            "--num-steps",
+            "2",
+            "--num-minibatches",
+            "2",
+            "--micro-batch-size",
+            "1",
+            "--total-steps",
+            "8",
+            "--sft-steps",
+            "1",
+            "--sft-batch-size",
+            "2",
+            "--eval-episodes",
+            "1",
+            "--max-new-tokens",
+            "6",
+            "--lora-rank",
+            "4",
+            "--output-dir",
+            str(out),
+        ]
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["image_tokens"] == IMAGE_TOKENS[family]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # rollout and update score alike: exactly in fp32; in bf16 (CUDA) sums depend on the batch's shape, and an H200
     # gave |ratio - 1| = 5.8e-4 for a micro-batch of 1 against a rollout batch of 2 (0 with equal batches)
-    tolerance = 5e-3 if torch.cuda.is_available() else 1e-5          # the run is in bf16 on a GPU, fp32 on a CPU
+    tolerance = (
+        5e-3 if torch.cuda.is_available() else 1e-5
+    )  # the run is in bf16 on a GPU, fp32 on a CPU
     assert len(rows) == 2 and all(r["first_ratio_dev"] < tolerance for r in rows)
     assert (out / "final_model" / "config.json").exists()
 
 
 def test_memory_estimate_counts_the_checkpoint_bytes(tmp_path):
     from safetensors import safe_open
+
     for family in ("llava_next", "qwen2_5_vl", "idefics3"):
         path = tiny_families.build_tiny_checkpoint(family, str(tmp_path / family))
         processor, vlm = R.load_model(path, torch.device("cpu"), torch.float32)
         policy = R.Policy(vlm, processor, 1.0, 0.5)
-        with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:       # measured: the bytes on disk
-            stored = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys()) * 4      # fp32
-        est = R.memory_estimate(policy, small_args(tmp_path), batch=1)
+        with safe_open(
+            os.path.join(path, "model.safetensors"), "pt"
+        ) as f:  # measured: the bytes on disk
+            stored = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys()) * 4  # fp32
+        est = P.memory_estimate(policy, small_args(tmp_path), batch=1)
         value_head = sum(p.numel() * 4 for p in policy.value_head.parameters())
         assert est["weights"] - value_head == stored, family
-        assert est["gradients"] == est["weights"] and est["adam state"] == 2 * est["weights"]   # no LoRA: all trainable
+        assert (
+            est["gradients"] == est["weights"] and est["adam state"] == 2 * est["weights"]
+        )  # no LoRA: all trainable
 
 
 def test_model_without_chat_template_is_refused(tmp_path):
@@ -789,20 +1177,28 @@ def test_gradient_checkpointing_keeps_the_gradients_and_saves_less(tiny):
         obs, info = NumberLine().reset(seed=0)
         ids = policy.processor.tokenizer('{"action": "+"}', add_special_tokens=False).input_ids
         sizes = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t, lambda t: t):
-            logprob, value, _, _ = policy.score([obs] * 4, prompts_of(policy, "numberline", [info] * 4), [ids] * 4,
-                                             [[1.0] * len(ids)] * 4)
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: sizes.append(t.numel() * t.element_size()) or t, lambda t: t
+        ):
+            logprob, value, _, _ = policy.score(
+                [obs] * 4,
+                prompts_of(policy, "numberline", [info] * 4),
+                [ids] * 4,
+                [[1.0] * len(ids)] * 4,
+            )
         (logprob.sum() + value.sum()).backward()
         grads.append([p.grad for p in policy.vlm.parameters() if p.grad is not None])
         saved.append(sum(sizes))
     assert len(grads[0]) == len(grads[1]) > 30
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
-    assert saved[1] < 0.5 * saved[0]            # the activations kept for the backward pass shrink
+    assert saved[1] < 0.5 * saved[0]  # the activations kept for the backward pass shrink
 
 
 def test_dry_run_times_one_step_and_one_update(tmp_path):
     stats = R.train(R.parse_args(["--dry-run", "--num-envs", "4", "--output-dir", str(tmp_path)]))
-    assert stats["first_ratio_dev"] < 1e-5 and stats["peak_bytes"] > 0 and stats["update_seconds"] > 0
+    assert (
+        stats["first_ratio_dev"] < 1e-5 and stats["peak_bytes"] > 0 and stats["update_seconds"] > 0
+    )
     assert not (tmp_path / "summary.json").exists() and not (tmp_path / "checkpoint").exists()
 
 
@@ -810,16 +1206,18 @@ def test_dry_run_times_one_step_and_one_update(tmp_path):
 def averaged_gradient_worker(rank, path, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    R.WORLD, R.RANK = 2, rank
+    P.WORLD, P.RANK = 2, rank
     processor, vlm = R.load_model(path, torch.device("cpu"), torch.float32)
     torch.manual_seed(0)
     policy = R.Policy(vlm, processor, 1.0, 0.5)
     frames, prompts, answers, advantages = union_minibatch(policy)
-    part = slice(2 * rank, 2 * rank + 2)            # each worker holds half of the minibatch
-    logprob, _, _, _ = policy.score(frames[part], prompts[part], answers[part], [[1.0] * len(a) for a in answers[part]])
+    part = slice(2 * rank, 2 * rank + 2)  # each worker holds half of the minibatch
+    logprob, _, _, _ = policy.score(
+        frames[part], prompts[part], answers[part], [[1.0] * len(a) for a in answers[part]]
+    )
     (-(advantages[part] * logprob).mean()).backward()
     params = [p for p in policy.parameters() if p.requires_grad]
-    R.average_gradients(params)
+    P.average_gradients(params)
     torch.save([p.grad for p in params], os.path.join(out, f"grads{rank}.pt"))
     torch.distributed.destroy_process_group()
 
@@ -827,14 +1225,23 @@ def averaged_gradient_worker(rank, path, port, out):
 def union_minibatch(policy):
     env = NumberLine()
     states = [env.reset(seed=s) for s in range(4)]
-    ids = [policy.processor.tokenizer(f'{{"action": "{a}"}}', add_special_tokens=False).input_ids for a in "+-+-"]
-    return ([o for o, _ in states], prompts_of(policy, "numberline", [i for _, i in states]), ids,
-            torch.tensor([1.0, -0.5, 2.0, 0.25]))
+    ids = [
+        policy.processor.tokenizer(f'{{"action": "{a}"}}', add_special_tokens=False).input_ids
+        for a in "+-+-"
+    ]
+    return (
+        [o for o, _ in states],
+        prompts_of(policy, "numberline", [i for _, i in states]),
+        ids,
+        torch.tensor([1.0, -0.5, 2.0, 0.25]),
+    )
 
 
 def test_averaged_gradient_of_two_workers_equals_the_union_gradient(tiny, tmp_path):
     import socket
+
     import torch.multiprocessing as mp
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -843,47 +1250,100 @@ def test_averaged_gradient_of_two_workers_equals_the_union_gradient(tiny, tmp_pa
     frames, prompts, answers, advantages = union_minibatch(policy)
     logprob, _, _, _ = policy.score(frames, prompts, answers, [[1.0] * len(a) for a in answers])
     (-(advantages * logprob).mean()).backward()
-    union = [torch.zeros_like(p) if p.grad is None else p.grad for p in policy.parameters() if p.requires_grad]
+    union = [
+        torch.zeros_like(p) if p.grad is None else p.grad
+        for p in policy.parameters()
+        if p.requires_grad
+    ]
     worker0, worker1 = (torch.load(tmp_path / f"grads{r}.pt") for r in (0, 1))
-    assert all(torch.equal(a, b) for a, b in zip(worker0, worker1))          # every worker holds the same mean
+    assert all(
+        torch.equal(a, b) for a, b in zip(worker0, worker1)
+    )  # every worker holds the same mean
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(worker0, union))
 
 
 def test_torchrun_two_workers_keep_identical_weights_and_resume(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                os.path.join(HERE, "rl4vlm_min.py")]
-    for extra in (["--total-steps", "32"], ["--resume", str(out), "--total-steps", "64"]):    # 1 update, then 1 more
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        os.path.join(HERE, "rl4vlm_min.py"),
+    ]
+    for extra in (
+        ["--total-steps", "32"],
+        ["--resume", str(out), "--total-steps", "64"],
+    ):  # 1 update, then 1 more
         # LoRA here (the resume test above trains all weights), so that resuming a LoRA run is tested too
-        proc = subprocess.run([*torchrun, *TINY_RUN, "--lora-rank", "8", "--output-dir", str(out), *extra],
-                              capture_output=True, text=True, timeout=600, env=env, cwd=HERE)
+        proc = subprocess.run(
+            [*torchrun, *TINY_RUN, "--lora-rank", "8", "--output-dir", str(out), *extra],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+            cwd=HERE,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed" in proc.stdout and proc.stdout.count("update   2/2") == 1 and "2 workers" in proc.stdout   # rank 0 prints
+    assert (
+        "resumed" in proc.stdout
+        and proc.stdout.count("update   2/2") == 1
+        and "2 workers" in proc.stdout
+    )  # rank 0 prints
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["env_steps"] for r in rows] == [32, 64]                 # --total-steps counts both workers' steps
+    assert [r["env_steps"] for r in rows] == [32, 64]  # --total-steps counts both workers' steps
     assert all(len(r["weight_digests"]) == 2 and len(set(r["weight_digests"])) == 1 for r in rows)
-    assert sorted(p.name for p in out.iterdir()) == ["before_rl.json", "checkpoint", "final_model", "learning_curve.png",
-                                                     "metrics.jsonl", "sft_model", "summary.json", "tiny_model"]
-    single = run_cli("--resume", str(out), timeout=300)                # resuming with another worker count is refused
+    assert sorted(p.name for p in out.iterdir()) == [
+        "before_rl.json",
+        "checkpoint",
+        "final_model",
+        "learning_curve.png",
+        "metrics.jsonl",
+        "sft_model",
+        "summary.json",
+        "tiny_model",
+    ]
+    single = run_cli(
+        "--resume", str(out), timeout=300
+    )  # resuming with another worker count is refused
     assert single.returncode == 2 and "written by 2 worker(s)" in single.stderr, single.stderr
 
 
 def test_text_only_model_is_refused(tmp_path):
     import transformers
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**tiny_families.TEXT, vocab_size=320)).save_pretrained(tmp_path / "text")
-    tiny_families._tokenizer([], eos="</s>", pad="<pad>", bos="<s>").save_pretrained(tmp_path / "text")
-    proc = run_cli("--model", str(tmp_path / "text"), "--output-dir", str(tmp_path / "run"), timeout=120)
-    assert proc.returncode == 2 and "cannot load --model" in proc.stderr and "image-text-to-text" in proc.stderr
+
+    transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**tiny_families.TEXT, vocab_size=320)
+    ).save_pretrained(tmp_path / "text")
+    tiny_families._tokenizer([], eos="</s>", pad="<pad>", bos="<s>").save_pretrained(
+        tmp_path / "text"
+    )
+    proc = run_cli(
+        "--model", str(tmp_path / "text"), "--output-dir", str(tmp_path / "run"), timeout=120
+    )
+    assert (
+        proc.returncode == 2
+        and "cannot load --model" in proc.stderr
+        and "image-text-to-text" in proc.stderr
+    )
 
 
 # ---- THE BENCHMARK SCRIPT: its --quick mode, so that it cannot rot ----
 def test_bench_quick_writes_the_report(tmp_path):
-    import bench
+    from benchmark import bench
+
     bench.main(["--quick", "--out", str(tmp_path)])
     report = (tmp_path / "RESULTS.md").read_text()
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert "| numberline |" in report and "| no CoT |" in report and "| lambda 1 |" in report
-    rates = [float(line.split("|")[2]) for line in report.splitlines() if line.startswith("| rollout,") or
-             line.startswith("| training,") or line.startswith("| PPO update,")]
+    rates = [
+        float(line.split("|")[2])
+        for line in report.splitlines()
+        if line.startswith("| rollout,")
+        or line.startswith("| training,")
+        or line.startswith("| PPO update,")
+    ]
     assert len(rates) == 7 and all(r > 0 for r in rates)

@@ -5,6 +5,7 @@ prompt, and compares it with the value of a policy that moves right with probabi
 exactly by dynamic programming over the 10-move horizon). Prints the spread of V and the correlation.
 Run: python results/critic_states.py runs/numberline-seed1 [mean|last]
 """
+
 import os
 import sys
 
@@ -35,7 +36,9 @@ def true_value(target, current, steps_left, q=0.98, gamma=0.9):
 run, value_input = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "mean")
 processor, vlm = R.load_model(os.path.join(run, "final_model"), torch.device("cpu"), torch.float32)
 policy = R.Policy(vlm, processor, 0.2, 0.5, value_input)
-policy.value_head.load_state_dict(load_file(os.path.join(run, "final_model", "value_head.safetensors")))
+policy.value_head.load_state_dict(
+    load_file(os.path.join(run, "final_model", "value_head.safetensors"))
+)
 states = [(t, c) for t in range(6) for c in range(6) if t != c]
 frames, infos = [], []
 for t, c in states:
@@ -47,5 +50,7 @@ for t, c in states:
     infos.append(info)
 values = policy.value(frames, R.task_prompts(processor, "numberline", infos, True)).numpy()
 truth = np.array([true_value(t, c, 10) for t, c in states])
-print(f"{run} ({value_input}): V from {values.min():.2f} to {values.max():.2f} (true {truth.min():.2f} to "
-      f"{truth.max():.2f}), correlation with the true values {np.corrcoef(values, truth)[0, 1]:.2f}")
+print(
+    f"{run} ({value_input}): V from {values.min():.2f} to {values.max():.2f} (true {truth.min():.2f} to "
+    f"{truth.max():.2f}), correlation with the true values {np.corrcoef(values, truth)[0, 1]:.2f}"
+)

@@ -5,6 +5,7 @@ computes each step's discounted return (gamma 0.9, as the default run), and fits
 V(target, current): the mean return of each state. Prints 1 - Var(G - V) / Var(G), the explained
 variance that a perfect critic would reach on Monte-Carlo returns. Run: python results/ev_ceiling.py
 """
+
 import os
 import sys
 
@@ -34,6 +35,8 @@ for q in (0.6, 0.8, 0.9, 0.95, 0.98, 0.99):
     returns = np.array(returns)
     index = {s: i for i, s in enumerate(sorted(set(states)))}
     ids = np.array([index[s] for s in states])
-    best_v = (np.bincount(ids, weights=returns) / np.bincount(ids))[ids]     # mean return per state
+    best_v = (np.bincount(ids, weights=returns) / np.bincount(ids))[ids]  # mean return per state
     ev = 1 - np.var(returns - best_v) / np.var(returns)
-    print(f"right move with probability {q:.2f}: Var(G) = {returns.var():.3f}, best critic explains {ev:.2f}")
+    print(
+        f"right move with probability {q:.2f}: Var(G) = {returns.var():.3f}, best critic explains {ev:.2f}"
+    )

@@ -1,0 +1,792 @@
+"""plumbing.py: what a first reading of rl4vlm_min.py can skip.
+
+rl4vlm_min.py (the algorithm) and envs.py (the games) call these through one-line hooks:
+- the CLI's checks of its values, and every error message that tells the user what to do;
+- real checkpoints: the per-family bounds on image tokens and the checks of a loaded processor;
+- torchrun data parallelism: starting the workers, averaged gradients, merged metrics, and a check
+  that every worker holds the same weights after every update;
+- exact resume: checkpoints written atomically (trainable weights, optimizer, every RNG, the envs'
+  states, episodes so far) and restored, the run's own settings read back;
+- one GPU: the memory estimate and --dry-run;
+- the per-update log line, the learning-curve plot, the final model and the summary;
+- drawing the cards (Pillow only, its bundled font) and a contact sheet of frames.
+"""
+
+import contextlib
+import copy
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
+
+# torchrun starts WORLD workers and tells each its RANK (without torchrun: 1 worker, rank 0)
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def fail(message):
+    """Bad input: one line that says what to do, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def core():
+    """rl4vlm_min itself (imported when first needed: it imports this module)."""
+    import rl4vlm_min
+
+    return rl4vlm_min
+
+
+# ---- CLI: the checks of the values, and --resume's settings ----
+def check_args(args):
+    """Every value in range, or one line that says which flag to change (exit status 2)."""
+    checks = [
+        (args.learning_rate > 0 and args.sft_lr > 0, "learning rates must be > 0"),
+        (args.clip_coef > 0, "--clip-coef must be > 0"),
+        (args.update_epochs > 0, "--update-epochs must be > 0"),
+        (
+            min(args.num_envs, args.num_steps, args.micro_batch_size) > 0,
+            "--num-envs, --num-steps and --micro-batch-size must be > 0",
+        ),
+        (
+            0 < args.num_minibatches <= args.batch_size,
+            f"--num-minibatches must be in 1..{args.batch_size} (the batch num_envs * num_steps)",
+        ),
+        (args.temperature > 0, "--temperature must be > 0"),
+        (args.kl_coef >= 0, "--kl-coef must be >= 0"),
+        (0 <= args.thought_coef <= 1, "--thought-coef must be in [0, 1]"),
+        (0 <= args.sft_oracle_prob <= 1, "--sft-oracle-prob must be in [0, 1] (-1: the default)"),
+        (min(args.lora_rank, args.sft_steps) >= 0, "--lora-rank, --sft-steps must be >= 0"),
+        (args.max_new_tokens > 0, "--max-new-tokens must be > 0"),
+        (args.eval_episodes > 0, "--eval-episodes must be > 0"),
+        (
+            args.total_steps >= args.batch_size * WORLD,
+            f"--total-steps must be at least one batch of all workers ({args.batch_size * WORLD})",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            fail(f"{message} (see python rl4vlm_min.py --help)")
+    return args
+
+
+RESUME_FIXED = ("task", "model", "num_envs", "num_steps", "lora_rank", "lora_targets")
+
+
+def resumed_args(args, given):
+    """--resume DIR: the run's own settings from its checkpoint. Flags typed now override them
+    (e.g. a lower --learning-rate after a NaN), except those the saved state depends on."""
+    meta_path = os.path.join(args.resume, "checkpoint", "meta.json")
+    if not os.path.isfile(meta_path):
+        fail(
+            f"--resume {args.resume!r} holds no checkpoint ({meta_path} is missing); pass the "
+            "--output-dir of a run that saved one (with --save-every K, or a finished run)"
+        )
+    with open(meta_path) as f:
+        saved = json.load(f)["args"]
+    for key in RESUME_FIXED:
+        if key in given and getattr(args, key) != saved[key]:
+            fail(
+                f"--resume {args.resume!r} holds a checkpoint made with --{key.replace('_', '-')} "
+                f"{saved[key]!r}, not {getattr(args, key)!r}; resume with the same value or start "
+                "a new run in another --output-dir"
+            )
+    typed = {key: getattr(args, key) for key in given if key in saved and key != "output_dir"}
+    return type(args)(**{**saved, **typed, "output_dir": args.resume, "resume": args.resume})
+
+
+# ---- REAL CHECKPOINTS: a 300x300 frame as one bounded view, and what a processor must have ----
+# The only family-specific code: from_pretrained overrides that keep a frame one view (the paper's
+# single 336-px view is 576 tokens) instead of tiling it, each derived from the checkpoint's own
+# configuration; and `mrope`: the model builds its own 3-D positions (no 1-D position ids).
+TESTED_FAMILIES = (
+    "llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm"
+)  # fmt: skip
+
+
+def family_bounds(config, name, trust_remote_code):
+    """(processor kwargs, model kwargs, mrope) for the checkpoint `name` with this config."""
+    import transformers
+
+    kind = config.model_type
+    if kind in ("llava_next", "llava_onevision"):  # any-resolution tiling: allow one tile of the
+        side = config.vision_config.image_size  # tower's own size (base view + 1 tile, not 4-36)
+        return (
+            {"image_grid_pinpoints": [[side, side]]},
+            {"image_grid_pinpoints": [[side, side]]},
+            False,
+        )
+    if kind in ("qwen2_vl", "qwen2_5_vl"):  # never more pixels than the frame has
+        processor = transformers.AutoImageProcessor.from_pretrained(
+            name, trust_remote_code=trust_remote_code
+        )
+        pixels = FRAME * FRAME
+        size = {
+            "shortest_edge": min(processor.size["shortest_edge"], pixels),
+            "longest_edge": pixels,
+        }
+        return {"size": size}, {}, True
+    if kind in ("idefics3", "smolvlm"):  # one resized crop, not a grid of crops
+        return {"do_image_splitting": False}, {}, False
+    return {}, {}, False  # LLaVA-1.5 and others: one view as they are
+
+
+@contextlib.contextmanager
+def loading(name):
+    """A checkpoint that is missing or not an image-text-to-text model: what to pass instead."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        fail(
+            f"cannot load --model {name!r} as an image-text-to-text model "
+            f"({str(e).splitlines()[0][:200]}); pass 'tiny', a local checkpoint or a "
+            "Hugging Face id"
+        )
+
+
+def check_checkpoint(name, config, processor, vlm):
+    """Refuse a checkpoint that cannot take an image or has no chat template, with what to do;
+    keep only the token ids of its generation_config (sampling_config sets everything else)."""
+    import transformers
+
+    if config.model_type not in TESTED_FAMILIES:
+        print(f"note: model type {config.model_type!r} is not among the tested families; trying it")
+    if getattr(processor, "image_processor", None) is None or not hasattr(processor, "tokenizer"):
+        fail(f"--model {name!r} has a processor that cannot take an image; pass an "
+             "image-text-to-text checkpoint")  # fmt: skip
+    if getattr(processor, "chat_template", None) is None:
+        fail(f"--model {name!r} has no chat template; use a chat/instruct checkpoint or add one to "
+             "its processor")  # fmt: skip
+    tok = processor.tokenizer
+    vlm.generation_config = transformers.GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+
+
+def print_trainable(policy, args, phase, params):
+    """What set_trainable chose: how many parameters train, and where the LoRA adapters are."""
+    where = {}
+    for name, module in policy.vlm.named_modules():
+        if hasattr(module, "lora_A"):
+            part = ".".join(n for n in name.split(".")[:2] if n != "model")
+            where[part] = where.get(part, 0) + 1
+    count = f"{phase.upper()} trains {sum(p.numel() for p in params):,} parameters"
+    if phase == "rl":
+        count += " (value head included)"
+    if where:
+        adapters = ", ".join(f"{n} in {part}" for part, n in where.items())
+        count += (
+            f": LoRA rank {args.lora_rank} adapters on {sum(where.values())} linear layers "
+            f"({adapters}), the rest of the VLM frozen"
+        )
+    print(count if where else count + ": every weight of the VLM", flush=True)
+
+
+# ---- THE MODEL: the tiny model's vocabulary, generate()'s settings ----
+def tiny_corpus():
+    """Every text the tiny model must tokenize (its vocabulary): prompts and answers of random
+    states of every game."""
+    import envs
+
+    texts = ["USER: ASSISTANT: \n", " ".join(str(i) for i in range(40))]
+    rng = np.random.default_rng(0)
+    for task, cls in envs.TASKS.items():
+        env = cls()
+        texts.append(" ".join(cls.action_names))  # every action after a space, as in formulas
+        for seed in range(100):
+            _, info = env.reset(seed=seed)
+            for _ in range(4):  # a few random moves: formulas and Blackjack totals of later steps
+                for cot in (True, False):
+                    texts.append(core().build_prompt(task, info, cls.action_names, cot))
+                    texts += [core().answer_text(task, info, a, cot) for a in cls.action_names]
+                _, _, term, trunc, info = env.step(int(rng.integers(len(cls.action_names))))
+                if term or trunc:
+                    break
+    return "\n".join(texts)
+
+
+def sampling_config(policy, greedy, max_new_tokens):
+    """Every setting of generate(), explicit: plain sampling at the policy's temperature (or
+    greedy),
+    nothing score() does not apply: no top-k/p, min-p, typical-p or repetition penalty."""
+    sampling = dict(
+        do_sample=True, temperature=policy.temperature, top_k=0, top_p=1.0, typical_p=1.0,
+        epsilon_cutoff=0.0, eta_cutoff=0.0,
+    )  # fmt: skip
+    import transformers
+
+    return transformers.GenerationConfig(
+        **(dict(do_sample=False) if greedy else sampling),
+        repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, num_beams=1,
+        max_new_tokens=max_new_tokens, suppress_tokens=policy.banned or None,
+        pad_token_id=policy.pad_id, eos_token_id=policy.eos_id,
+    )  # fmt: skip
+
+
+# ---- DATA PARALLEL (torchrun): own envs and seeds per worker, averaged gradients ----
+def device_and_dtype():
+    """This worker's GPU in bf16 (where supported) if there is one, else the CPU in fp32."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu"), torch.float32
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+
+
+def print_setup(policy, args, device, dtype):
+    n_params = sum(p.numel() for p in policy.parameters())
+    prompt_tokens, image_tokens = prompt_shape(policy, args)
+    print(
+        f"task {args.task} | model {args.model} ({type(policy.vlm).__name__}, "
+        f"{n_params / 1e6:.2f}M params) | {device} {dtype} | prompt {prompt_tokens} tokens "
+        f"({image_tokens} image) | {args.num_updates} updates x {args.batch_size} steps x "
+        f"{WORLD} worker(s)",
+        flush=True,
+    )
+
+
+def start_workers(device):
+    if WORLD > 1 and not dist.is_initialized():
+        import datetime  # rank 0 evaluates alone while the others wait: allow a long wait
+
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=3))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def stop_workers():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier():
+    if WORLD > 1:
+        dist.barrier()
+
+
+def average_gradients(params):
+    """After each worker's backward: every worker holds the mean of all workers' gradients, so all
+    take the same optimizer step and the weights stay identical (as DistributedDataParallel)."""
+    if WORLD == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)  # sum over workers
+        p.grad /= WORLD
+
+
+def broadcast_weights(module):
+    """New layers were initialised on each worker: all start from rank 0's values."""
+    if WORLD > 1:
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
+def gather(obj):
+    """[obj of worker 0, obj of worker 1, ...] on every worker ([obj] without torchrun)."""
+    if WORLD == 1:
+        return [obj]
+    out = [None] * WORLD
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def update_row(args, update, lr, episodes, data, stats, t_update):
+    """One update's metrics over all workers: success and return of their last 100 episodes each,
+    the mean of each worker's rates and losses."""
+    recent = [episode for worker in gather(episodes[-100:]) for episode in worker]
+    mine = dict(
+        format_error_rate=data["format_error_rate"], readout_acc=data["readout_acc"], **stats
+    )
+    merged = {key: float(np.mean([worker[key] for worker in gather(mine)])) for key in mine}
+    nan = float("nan")
+    return dict(
+        update=update, env_steps=update * args.batch_size * WORLD, lr=lr,
+        episodes=sum(gather(len(episodes))),
+        success=float(np.mean([r > 0 for r, _ in recent])) if recent else nan,
+        mean_return=float(np.mean([r for r, _ in recent])) if recent else nan,
+        **merged, steps_per_second=args.batch_size * WORLD / (time.time() - t_update),
+        samples=data["gallery"],
+    )  # fmt: skip
+
+
+def trainable_state(policy):
+    return {
+        n: p.detach().contiguous().cpu() for n, p in policy.named_parameters() if p.requires_grad
+    }
+
+
+def weights_digest(policy):
+    tensors = trainable_state(policy).values()
+    return hashlib.sha1(b"".join(t.numpy().tobytes() for t in tensors)).hexdigest()
+
+
+def check_weights_agree(policy, row):
+    """torchrun: the point of averaging gradients, checked after every update."""
+    if WORLD > 1:
+        row["weight_digests"] = gather(weights_digest(policy))
+        if len(set(row["weight_digests"])) != 1:
+            raise RuntimeError(f"the workers' weights differ after update {row['update']}")
+
+
+# ---- EXACT RESUME: checkpoints written to a temp dir then renamed; every RNG and env state ----
+def make_output_dir(args):
+    """Rank 0 creates --output-dir and starts metrics.jsonl (appends to it on --resume)."""
+    if RANK > 0:
+        return
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "metrics.jsonl"), "a" if args.resume else "w"):
+            pass
+    except OSError as e:
+        fail(f"cannot write --output-dir {args.output_dir!r} ({e.strerror}); choose a writable one")
+
+
+def resumed_model(args):
+    """A resumed run's SFT model (the frozen LoRA base or the KL reference), if it saved one."""
+    path = os.path.join(args.output_dir, "sft_model")
+    return path if args.resume and os.path.isdir(path) else None
+
+
+def keep_sft_model(policy, args):
+    """After SFT: RL freezes these weights (LoRA after SFT) or keeps them as the KL reference;
+    --resume needs them."""
+    if (args.lora_rank > 0 or args.kl_coef > 0) and not args.lora_in_sft and RANK == 0:
+        policy.vlm.save_pretrained(os.path.join(args.output_dir, "sft_model"))
+        policy.processor.save_pretrained(os.path.join(args.output_dir, "sft_model"))
+
+
+def env_state(env):
+    """The game and its random generator as plain data: set_env_state continues it exactly."""
+    game = copy.deepcopy({key: getattr(env, key) for key in env.state_fields})
+    return {"game": game, "rng": env.np_random.bit_generator.state}
+
+
+def set_env_state(env, state):
+    for key, value in copy.deepcopy(state["game"]).items():
+        setattr(env, key, value)
+    env.np_random.bit_generator.state = state["rng"]
+
+
+def save_checkpoint(policy, optimizer, vec, args, rng, generator, episodes, update):
+    """Every worker's RNGs and envs, gathered; rank 0 writes them with the weights and optimizer."""
+    mine = {
+        "torch_rng": torch.get_rng_state(), "generator": generator.get_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy_rng": rng.bit_generator.state, "python_rng": random.getstate(),
+        "envs": [env_state(env) for env in vec["envs"]], "ep_return": vec["ep_return"],
+        "ep_len": vec["ep_len"], "episodes": episodes,
+    }  # fmt: skip
+    workers = gather(mine)
+    if RANK == 0:
+        state = {"optimizer": optimizer.state_dict(), "workers": workers}
+        meta = dict(update=update, workers=WORLD, args=dataclasses.asdict(args))
+        write_checkpoint(policy, state, meta, args.output_dir)
+
+
+def write_checkpoint(policy, state, meta, output_dir):
+    """Write everything to a fresh temp dir, then swap it in with renames: a crash at any point
+    leaves the previous checkpoint whole (checkpoint/, or between the renames checkpoint.old/)."""
+    from safetensors.torch import save_file
+
+    final = os.path.join(output_dir, "checkpoint")
+    tmp = tempfile.mkdtemp(prefix=".checkpoint-", dir=output_dir)
+    try:
+        save_file(trainable_state(policy), os.path.join(tmp, "policy.safetensors"))
+        if policy.reference is not None:  # the KL reference's adapters, if any
+            adapters = {
+                n: p.contiguous().cpu()
+                for n, p in policy.reference.named_parameters()
+                if ".lora_" in n
+            }
+            save_file(adapters, os.path.join(tmp, "reference.safetensors"))
+        torch.save(state, os.path.join(tmp, "state.pt"))  # plain data: loaded with weights_only
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+    except BaseException:
+        shutil.rmtree(tmp)  # a half-written temp dir is removed; the old checkpoint is untouched
+        raise
+    if os.path.exists(final):
+        os.replace(final, final + ".old")
+    os.replace(tmp, final)
+    if os.path.exists(final + ".old"):
+        shutil.rmtree(final + ".old")
+
+
+def restore_checkpoint(policy, optimizer, vec, args, rng, generator):
+    """--resume: put back what save_checkpoint wrote. Returns (next update, episodes, metrics)."""
+    from safetensors.torch import load_file
+
+    ckpt = os.path.join(args.output_dir, "checkpoint")
+    weights = load_file(os.path.join(ckpt, "policy.safetensors"))
+    if set(weights) != set(trainable_state(policy)):
+        fail(f"the checkpoint in {ckpt} does not match this model's trainable parameters; "
+             "start a new run")  # fmt: skip
+    policy.load_state_dict(weights, strict=False)
+    if policy.reference is not None:
+        reference = load_file(os.path.join(ckpt, "reference.safetensors"))
+        policy.reference.load_state_dict(reference, strict=False)
+    state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)  # never unpickles code
+    if len(state["workers"]) != WORLD:
+        n = len(state["workers"])
+        fail(f"the checkpoint in {ckpt} was written by {n} worker(s), this run has {WORLD}; "
+             f"resume with torchrun --nproc_per_node {n} (or without torchrun if 1)")  # fmt: skip
+    optimizer.load_state_dict(state["optimizer"])
+    state = state["workers"][RANK]
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    generator.set_state(state["generator"])
+    rng.bit_generator.state = state["numpy_rng"]
+    random.setstate(state["python_rng"])
+    for env, saved in zip(vec["envs"], state["envs"]):
+        set_env_state(env, saved)
+    vec["obs"], vec["infos"] = (list(x) for x in zip(*(env.obs() for env in vec["envs"])))
+    vec["ep_return"], vec["ep_len"] = list(state["ep_return"]), list(state["ep_len"])
+    with open(os.path.join(ckpt, "meta.json")) as f:
+        done = json.load(f)["update"]
+    history, metrics = [], os.path.join(args.output_dir, "metrics.jsonl")
+    if RANK == 0:  # rank 0 alone keeps the metrics; rows after the checkpoint are redone
+        with open(metrics) as f:
+            history = [json.loads(line) for line in f][:done]
+        with open(metrics, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in history)
+    print(f"resumed {args.output_dir} after update {done}/{args.num_updates}", flush=True)
+    return done + 1, list(state["episodes"]), history
+
+
+# ---- THE RUN'S OUTPUTS: the per-update line, the curve, the final model, the summary ----
+def log_update(args, row, example):
+    """metrics.jsonl gets the row; the console gets one line of it and one sampled answer."""
+    if RANK == 0:
+        with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+    print(
+        f"update {row['update']:3d}/{args.num_updates} | steps {row['env_steps']:6d} | "
+        f"success {row['success']:.2f} | return {row['mean_return']:+.2f} | "
+        f"fmt_err {row['format_error_rate']:.2f} | read {row['readout_acc']:.2f} | "
+        f"pg {row['pg_loss']:+.3f} | v {row['v_loss']:.3f} | kl {row['approx_kl']:.4f} | "
+        f"kl_ref {row['kl_ref']:.4f} | clip {row['clipfrac']:.2f} | "
+        f"ev {row['explained_var']:+.2f} | {row['steps_per_second']:.0f} steps/s"
+        + (f" | {WORLD} workers" if WORLD > 1 else ""),
+        flush=True,
+    )
+    print(f"    e.g. {example['answer']!r} -> {example['action']}", flush=True)
+
+
+def merge_lora(vlm):
+    for name, module in list(vlm.named_modules()):
+        if hasattr(module, "lora_A"):  # a LoRALinear: B A folded into the base layer's weight
+            base = module.base
+            with torch.no_grad():
+                delta = module.scale * module.lora_B @ module.lora_A
+                base.weight += delta.to(base.weight.dtype)
+            parent_name, _, child = name.rpartition(".")
+            setattr(vlm.get_submodule(parent_name), child, base)
+
+
+def save_final_model(policy, path):
+    """LoRA merged into the weights, saved as a plain checkpoint (--model path) + the value head."""
+    from safetensors.torch import save_file
+
+    merge_lora(policy.vlm)
+    policy.vlm.save_pretrained(path)
+    policy.processor.save_pretrained(path)
+    head = {k: v.contiguous() for k, v in policy.value_head.state_dict().items()}
+    save_file(head, os.path.join(path, "value_head.safetensors"))
+
+
+def plot_curve(history, path, title, levels):
+    """Success over env steps with the SFT-only, random and oracle levels (`levels`: name ->
+    success), and beside it format errors, read-out, approx_kl, kl_ref and explained variance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["env_steps"] for h in history]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
+    success = [h["success"] for h in history]
+    ax.plot(steps, success, marker="o", ms=3, label="success (last 100 episodes)")
+    for (name, level), style in zip(levels.items(), (":", "--", "-.")):
+        ax.axhline(level, color="gray", ls=style, lw=1, label=f"{name} {level:.2f}")
+    ax.set(xlabel="env steps", ylabel="success", title=title, ylim=(-0.02, 1.02))
+    for key in ("format_error_rate", "readout_acc", "approx_kl", "kl_ref", "explained_var"):
+        if key in history[0]:
+            ax2.plot(steps, [h[key] for h in history], marker=".", label=key)
+    ax2.set(xlabel="env steps", title="diagnostics", ylim=(-0.5, 1.05))
+    for a in (ax, ax2):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7, loc="center right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def finish_run(policy, args, history, before, after, baselines, t0):
+    """After the last evaluation: the curve, the final model, summary.json."""
+    levels = {"SFT only (sampled)": before["sampled"]["success"], **baselines}
+    curve = os.path.join(args.output_dir, "learning_curve.png")
+    plot_curve(history, curve, f"{args.task}: PPO after SFT", levels)
+    save_final_model(policy, os.path.join(args.output_dir, "final_model"))
+    prompt_tokens, image_tokens = prompt_shape(policy, args)
+    summary = dict(
+        task=args.task, model=args.model, seed=args.seed, prompt_tokens=prompt_tokens,
+        image_tokens=image_tokens, eval_success_before_rl=before["sampled"]["success"],
+        eval_success_after_rl=after["sampled"]["success"],
+        eval_greedy_success_before_rl=before["greedy"]["success"],
+        eval_greedy_success_after_rl=after["greedy"]["success"],
+        random_success=baselines["random"], oracle_success=baselines["oracle"],
+        env_steps=args.num_updates * args.batch_size * WORLD, wall_seconds=time.time() - t0,
+        before=before, after=after,
+    )  # fmt: skip
+    with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print_table(args, before, after, baselines)
+    print(f"{summary['env_steps']} env steps in {summary['wall_seconds']:.0f} s; outputs in "
+          f"{args.output_dir}/")  # fmt: skip
+    return summary
+
+
+def saved_before(args):
+    with open(os.path.join(args.output_dir, "before_rl.json")) as f:
+        return json.load(f)
+
+
+def save_before(args, before):
+    if RANK == 0:
+        with open(os.path.join(args.output_dir, "before_rl.json"), "w") as f:
+            json.dump(before, f)
+
+
+def print_before(before, baselines):
+    if RANK == 0:
+        print(
+            f"before RL: success {before['sampled']['success']:.2f} sampled, "
+            f"{before['greedy']['success']:.2f} greedy | read-out "
+            f"{before['sampled']['readout_acc']:.2f} | random {baselines['random']:.2f} | "
+            f"oracle {baselines['oracle']:.2f}",
+            flush=True,
+        )
+
+
+def print_table(args, before, after, baselines):
+    """The run's result: success before and after RL beside the random and oracle policies."""
+    print(
+        f"\n{f'eval success ({args.eval_episodes} episodes)':34s} "
+        f"{'before RL':>10s} {'after RL':>10s}"
+    )
+    for mode in ("sampled", "greedy"):
+        label = f"  sampled (T={args.temperature})" if mode == "sampled" else "  greedy"
+        print(f"{label:34s} {before[mode]['success']:10.2f} {after[mode]['success']:10.2f}")
+    read = before["sampled"]["readout_acc"], after["sampled"]["readout_acc"]
+    print(f"{'  read-out accuracy (sampled)':34s} {read[0]:10.2f} {read[1]:10.2f}")
+    print(
+        f"{'  random policy / oracle':34s} {baselines['random']:10.2f} {baselines['oracle']:10.2f}"
+    )
+
+
+def prompt_shape(policy, args):
+    """(prompt tokens, image tokens) of the task's first prompt: the longest part of a sequence."""
+    obs, info = core().envs.TASKS[args.task]().reset(seed=0)
+    prompts = core().task_prompts(policy.processor, args.task, [info], args.cot)
+    ids = policy.encode_prompts([obs], prompts)["input_ids"][0]
+    return len(ids), int((ids == policy.vlm.config.image_token_id).sum())
+
+
+# ---- ONE GPU: will training fit, and --dry-run ----
+def memory_estimate(policy, args, batch):
+    """Rough training memory in bytes for `batch` sequences per forward/backward. Weights as
+    loaded; gradients and Adam's two moments of the trainable parameters; activations of the
+    language model after Korthikanti et al. 2022 (about 34 bytes per token per hidden unit per
+    layer in 16-bit, or 2 with gradient checkpointing plus one layer recomputed), and of the
+    vision tower if it trains (its tokens counted as the image tokens); the fp32 logits of the
+    answer tokens; the rollout's KV cache."""
+    text = policy.vlm.config.get_text_config()
+    vision = getattr(policy.vlm.config, "vision_config", None)
+    elem = next(policy.vlm.parameters()).element_size()  # 2 in bf16, 4 in fp32
+    trainable = sum(p.numel() * p.element_size() for p in policy.parameters() if p.requires_grad)
+    prompt_tokens, image_tokens = prompt_shape(policy, args)
+    seq, h, layers = prompt_tokens + args.max_new_tokens, text.hidden_size, text.num_hidden_layers
+
+    def kept(n):  # layers' worth of activations kept for the backward pass
+        return 1 + (n - 1) * 2 / 34 if args.gradient_checkpointing else n
+
+    activations = batch * 34 * seq * h * elem / 2 * kept(layers)
+    tower_trains = any(p.requires_grad for n, p in policy.vlm.named_parameters() if "vision" in n)
+    if vision is not None and tower_trains:
+        h_v = getattr(vision, "embed_dim", None) or vision.hidden_size
+        depth = getattr(vision, "num_hidden_layers", None) or vision.depth
+        activations += batch * 34 * image_tokens * h_v * elem / 2 * kept(depth)
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or h // text.num_attention_heads
+    est = {
+        "weights": sum(p.numel() * p.element_size() for p in policy.parameters()),
+        "gradients": trainable,
+        "adam state": 2 * trainable,
+        "activations": activations,
+        "logits (fp32)": 3 * batch * args.max_new_tokens * text.vocab_size * 4,
+        "KV cache (rollout)": args.num_envs * seq * layers * 2 * kv_heads * head_dim * elem,
+    }
+    return {k: int(v) for k, v in est.items()}
+
+
+def print_memory(policy, args, phase):
+    """The estimate for one micro-batch of SFT or RL, and whether this GPU holds it."""
+    sft = phase == "SFT"
+    est = memory_estimate(policy, args, min(args.micro_batch_size, args.sft_batch_size) if sft
+                          else args.micro_batch_size)  # fmt: skip
+    total_bytes = sum(est.values())
+
+    def size(n):
+        return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+    parts = ", ".join(f"{k} {size(v)}" for k, v in est.items())
+    line = f"memory estimate for {phase}: {parts} | total {size(total_bytes)}"
+    if torch.cuda.is_available():
+        free, capacity = torch.cuda.mem_get_info()
+        fits = "fits" if total_bytes < free else (
+            "may not fit: lower --micro-batch-size or --num-envs, or add --gradient-checkpointing "
+            "/ --lora-in-sft"
+        )  # fmt: skip
+        line += f" | this GPU: {capacity / 2**30:.1f} GiB, {free / 2**30:.1f} free: {fits}"
+    print(line, flush=True)
+    return est
+
+
+def dry_run(policy, args, rng, generator):
+    """One rollout step of N envs and one PPO minibatch: measured time and peak memory."""
+    import resource
+
+    R = core()
+    args = dataclasses.replace(
+        args, num_steps=1, update_epochs=1, total_steps=args.num_envs, num_minibatches=1,
+        micro_batch_size=math.gcd(args.micro_batch_size, args.num_envs),
+    )  # fmt: skip
+    optimizer = R.start_rl(policy, args)
+    print_memory(policy, args, "RL")
+    vec = R.new_envs(args, list(range(args.num_envs)))
+    t0 = time.time()
+    data = R.rollout(policy, vec, args, rng, [], update=1)
+    t1 = time.time()
+    advantages, returns = R.compute_gae(
+        data["rewards"], data["values"], data["dones"], data["next_value"], args.gamma,
+        args.gae_lambda,
+    )  # fmt: skip
+    stats = R.ppo_update(policy, optimizer, data, advantages, returns, args, generator, update=1)
+    t2 = time.time()
+    cuda = torch.cuda.is_available()  # Linux reports the RSS in KiB
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(
+        resource.RUSAGE_SELF
+    ).ru_maxrss * 1024  # fmt: skip
+    print(
+        f"dry run: rollout step of {args.num_envs} envs {t1 - t0:.2f} s | PPO update of "
+        f"{args.num_envs} samples {t2 - t1:.2f} s | peak memory {peak / 2**30:.2f} GiB "
+        f"({'GPU' if cuda else 'process RSS'}) | first ratio - 1 = {stats['first_ratio_dev']:.1e}",
+        flush=True,
+    )
+    return dict(rollout_seconds=t1 - t0, update_seconds=t2 - t1, peak_bytes=peak, **stats)
+
+
+# ---- DRAWING THE CARDS: each card drawn once (cached); frames paste cached cards ----
+FRAME = 300  # frames are FRAME x FRAME x 3 uint8, as in the original package
+TABLE = (0x35, 0x65, 0x4D)  # the card games' dark green table
+
+
+@functools.cache
+def font(size):  # Pillow's bundled scalable font: no font file needed
+    return ImageFont.load_default(size=size)
+
+
+def draw_suit(d, suit, cx, cy, r, color):
+    """A suit symbol centred at (cx, cy) with half-size r, from circles and polygons."""
+
+    def circle(x, y, radius):  # (x, y) and radius in units of r
+        box = [cx + (x - radius) * r, cy + (y - radius) * r, cx + (x + radius) * r]
+        d.ellipse(box + [cy + (y + radius) * r], fill=color)
+
+    if suit == "D":
+        d.polygon(
+            [(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)], fill=color
+        )
+        return
+    if suit == "C":
+        for x, y in ((0, -0.45), (-0.5, 0.15), (0.5, 0.15)):
+            circle(x, y, 0.45)
+    else:  # a heart, or a spade (an upside-down heart)
+        s = 1 if suit == "H" else -1
+        circle(-0.45, -s * 0.3, 0.5)
+        circle(0.45, -s * 0.3, 0.5)
+        top = cy - s * 0.15 * r
+        d.polygon([(cx - 0.95 * r, top), (cx + 0.95 * r, top), (cx, cy + s * r)], fill=color)
+    if suit in "SC":  # the stem of a spade or a club
+        d.polygon([(cx, cy), (cx - 0.35 * r, cy + r), (cx + 0.35 * r, cy + r)], fill=color)
+
+
+@functools.cache
+def card_image(label, suit, w=64, h=92):
+    """One card: a big rank in the middle (legible when the frame is shrunk), suits in two
+    corners. label "" = face down (the dealer's hidden card)."""
+    img = Image.new("RGB", (w, h), TABLE)
+    d = ImageDraw.Draw(img)
+    d.rounded_rectangle([0, 0, w - 1, h - 1], radius=6, fill="white", outline="black", width=2)
+    if not label:
+        d.rounded_rectangle([5, 5, w - 6, h - 6], radius=4, fill=(150, 30, 40))
+        return img
+    color = (200, 0, 0) if suit in "HD" else (0, 0, 0)
+    d.text((w / 2, h / 2 - 4), label, font=font(round(0.37 * h)), fill=color, anchor="mm")
+    draw_suit(d, suit, 11, 12, 6, color)
+    draw_suit(d, suit, w - 12, h - 13, 6, color)
+    return img
+
+
+def card_table(rows, texts=(), w=64, h=92):
+    """A green table with rows of w x h cards, [(y, [(label, suit), ...]), ...] (cards overlap if
+    many), and lines of white text [(y, text, font size), ...]."""
+    img = Image.new("RGB", (FRAME, FRAME), TABLE)
+    for y, cards in rows:
+        step = min(w + 8, (FRAME - 20 - w) / max(len(cards) - 1, 1))
+        x0 = (FRAME - w - step * (len(cards) - 1)) / 2
+        for i, card in enumerate(cards):
+            img.paste(card_image(*card, w, h), (round(x0 + i * step), y))
+    for y, text, size in texts:
+        ImageDraw.Draw(img).text((FRAME / 2, y), text, font=font(size), fill="white", anchor="mm")
+    return img
+
+
+@functools.cache
+def numberline_frame(target, current):  # only 30 possible frames: draw each once
+    img = Image.new("RGB", (FRAME, FRAME), "white")
+    d = ImageDraw.Draw(img)
+    d.text((FRAME / 2, 90), f"Target: {target}", font=font(48), fill="black", anchor="mm")
+    d.text((FRAME / 2, 210), f"Current: {current}", font=font(48), fill="black", anchor="mm")
+    return img
+
+
+def contact_sheet(tasks, path="envs_contact_sheet.png"):
+    """Three frames of each env along the oracle's moves, with the legal actions."""
+    sheet = Image.new("RGB", (3 * FRAME, 4 * (FRAME + 40)), "white")
+    for row, cls in enumerate(tasks.values()):
+        env = cls()
+        obs, _ = env.reset(seed=row)
+        for col in range(3):
+            sheet.paste(Image.fromarray(obs), (col * FRAME, row * (FRAME + 40) + 40))
+            obs, _, term, trunc, _ = env.step(env.oracle())
+            if term or trunc:
+                obs, _ = env.reset()
+        title = f"{cls.__name__}: actions {' '.join(cls.action_names)}"
+        ImageDraw.Draw(sheet).text((8, row * (FRAME + 40) + 8), title, font=font(20), fill="black")
+    sheet.save(path)
+    print(f"wrote {path}")
