@@ -79,9 +79,8 @@ class NumberLine(CardEnv):
 
     def reset(self, seed=None, options=None):
         super().reset(seed=seed)
-        self.target, self.current = (
-            int(x) for x in self.np_random.choice(6, size=2, replace=False)
-        )
+        target, current = self.np_random.choice(6, size=2, replace=False)  # two different
+        self.target, self.current = int(target), int(current)
         self.steps = 0
         return self.obs()
 
@@ -92,13 +91,8 @@ class NumberLine(CardEnv):
         self.steps += 1
         terminated = self.current == self.target
         reward = 1.0 if terminated else (0.0 if abs(self.current - self.target) < before else -1.0)
-        return (
-            self.render(),
-            reward,
-            terminated,
-            self.steps >= self.max_steps and not terminated,
-            self.info(),
-        )
+        truncated = self.steps >= self.max_steps and not terminated
+        return self.render(), reward, terminated, truncated, self.info()
 
     def info(self):
         return {"Target": self.target, "Current": self.current}
@@ -124,7 +118,7 @@ def evaluate(tokens):
         return None
 
 
-BINARY = {
+OPS = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
     ast.Mult: operator.mul,
@@ -135,8 +129,8 @@ BINARY = {
 def exact(node):
     if isinstance(node, ast.Constant) and type(node.value) is int:
         return Fraction(node.value)
-    if isinstance(node, ast.BinOp) and type(node.op) in BINARY:
-        return BINARY[type(node.op)](exact(node.left), exact(node.right))
+    if isinstance(node, ast.BinOp) and type(node.op) in OPS:
+        return OPS[type(node.op)](exact(node.left), exact(node.right))
     raise ValueError("a formula holds numbers and binary + - * / only")
 
 
@@ -317,20 +311,13 @@ class Blackjack(CardEnv):
         return int(not stand)
 
     def frame(self):
-        dealer = (
-            self.dealer if self.done else [self.dealer[0], (0, "")]
-        )  # revealed when the hand is over
+        dealer = self.dealer if self.done else [self.dealer[0], (0, "")]  # rank 0: face down
         rows = [(30, labels(dealer)), (178, labels(self.player))]
         return card_table(rows, [(140, "Dealer above, player below", 16)])
 
 
-TASKS = {
-    "numberline": NumberLine,
-    "ezpoints": EZPoints,
-    "points24": Points24,
-    "blackjack": Blackjack,
-}
-for _name, _cls in TASKS.items():
+TASKS = {cls.__name__.lower(): cls for cls in (NumberLine, EZPoints, Points24, Blackjack)}
+for _cls in TASKS.values():
     gym.register(f"gym_cards/{_cls.__name__}-v0", entry_point=_cls)
 
 

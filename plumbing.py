@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -29,6 +30,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+import transformers
 from PIL import Image, ImageDraw, ImageFont
 
 # torchrun starts WORLD workers and tells each its RANK (without torchrun: 1 worker, rank 0)
@@ -117,8 +119,6 @@ TESTED_FAMILIES = (
 
 def family_bounds(config, name, trust_remote_code):
     """(processor kwargs, model kwargs, mrope) for the checkpoint `name` with this config."""
-    import transformers
-
     kind = config.model_type
     if kind in ("llava_next", "llava_onevision"):  # any-resolution tiling: allow one tile of the
         side = config.vision_config.image_size  # tower's own size (base view + 1 tile, not 4-36)
@@ -158,8 +158,6 @@ def loading(name):
 def check_checkpoint(name, config, processor, vlm):
     """Refuse a checkpoint that cannot take an image or has no chat template, with what to do;
     keep only the token ids of its generation_config (sampling_config sets everything else)."""
-    import transformers
-
     if config.model_type not in TESTED_FAMILIES:
         print(f"note: model type {config.model_type!r} is not among the tested families; trying it")
     if getattr(processor, "image_processor", None) is None or not hasattr(processor, "tokenizer"):
@@ -172,6 +170,28 @@ def check_checkpoint(name, config, processor, vlm):
     vlm.generation_config = transformers.GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
     )
+
+
+def readout_accuracy(policy, args, samples, prompts):
+    """SFT's check: the share of greedy answers (eval mode, as when the model plays) whose
+    thoughts read the state right, on held-out (frame, info, ids) samples."""
+    policy.eval()
+    frames = [frame for frame, _, _ in samples]
+    answers = policy.generate(frames, prompts, True, args.max_new_tokens)
+    texts = [policy.processor.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+    hits = [core().thought_text(args.task, i) in t for (_, i, _), t in zip(samples, texts)]
+    policy.train()
+    return float(np.mean(hits))
+
+
+def dropout_off(policy):
+    """Every dropout to 0 (nn.Dropout and attention dropout): the rollout scores the old log-probs
+    in eval mode, the update in train mode, and both must be the same function."""
+    for m in policy.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
 
 
 def print_trainable(policy, args, phase, params):
@@ -193,7 +213,33 @@ def print_trainable(policy, args, phase, params):
     print(count if where else count + ": every weight of the VLM", flush=True)
 
 
-# ---- THE MODEL: the tiny model's vocabulary, generate()'s settings ----
+# ---- THE MODEL: the tiny model's tokenizer, generate()'s settings ----
+TINY_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | upper }}: {% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}{{ '<image>\n' }}{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+TINY_SPLIT = r" ?[A-Za-z]+| ?\d+| ?[^\w\s]|\s"  # word-level pieces; a space sticks to what follows
+
+
+def tiny_tokenizer():
+    """The tiny model's word-level tokenizer: every word of tiny_corpus() and every printable
+    character is one token; pad 0, unk 1, bos 2, eos 3, image 4."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+    words = set(re.findall(TINY_SPLIT, tiny_corpus())) | {chr(c) for c in range(32, 127)}
+    vocab = {w: i for i, w in enumerate(specials + sorted(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(TINY_SPLIT), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # decoding concatenates the pieces: text round-trips exactly
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+        eos_token="</s>", padding_side="left", extra_special_tokens={"image_token": "<image>"},
+    )  # fmt: skip
+    return tokenizer
+
+
 def tiny_corpus():
     """Every text the tiny model must tokenize (its vocabulary): prompts and answers of random
     states of every game."""
@@ -224,8 +270,6 @@ def sampling_config(policy, greedy, max_new_tokens):
         do_sample=True, temperature=policy.temperature, top_k=0, top_p=1.0, typical_p=1.0,
         epsilon_cutoff=0.0, eta_cutoff=0.0,
     )  # fmt: skip
-    import transformers
-
     return transformers.GenerationConfig(
         **(dict(do_sample=False) if greedy else sampling),
         repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, num_beams=1,

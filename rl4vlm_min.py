@@ -253,12 +253,6 @@ def parse_action(text, action_names, rng=None):
 
 
 # ---- MODEL: the embedded tiny LLaVA, loading, LoRA, value head, the one scoring function ----
-TINY_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] | upper }}: {% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}{{ '<image>\n' }}{% else %}{{ c['text'] }}{% endif %}"
-    "{% endfor %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
-TINY_SPLIT = r" ?[A-Za-z]+| ?\d+| ?[^\w\s]|\s"  # word-level pieces; a space sticks to what follows
 TINY_VISION = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     image_size=64, patch_size=16,
@@ -268,18 +262,7 @@ TINY_VISION = dict(
 def build_tiny_model(path, seed):
     """A 0.5M-parameter LLaVA (CLIP-style tower + Llama-style LM) with a word-level tokenizer,
     saved to `path` with save_pretrained and so loaded exactly like a real checkpoint."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
-    words = set(re.findall(TINY_SPLIT, plumbing.tiny_corpus())) | {chr(c) for c in range(32, 127)}
-    vocab = {w: i for i, w in enumerate(specials + sorted(words))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(TINY_SPLIT), behavior="isolated")
-    tok.decoder = decoders.Fuse()  # decoding concatenates the pieces: text round-trips exactly
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-        eos_token="</s>", padding_side="left", extra_special_tokens={"image_token": "<image>"},
-    )  # fmt: skip
+    tokenizer = plumbing.tiny_tokenizer()  # a vocabulary of every word the prompts and answers use
     # White maps to 0 (mean 1, std 0.5): with CLIP's mean/std the white background dominates
     # every patch and the tiny tower cannot tell the digits apart (measured while building it).
     px, patch = TINY_VISION["image_size"], TINY_VISION["patch_size"]
@@ -290,16 +273,16 @@ def build_tiny_model(path, seed):
     processor = transformers.LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=TINY_TEMPLATE,
+        chat_template=plumbing.TINY_TEMPLATE,
     )  # fmt: skip
     text_config = transformers.LlamaConfig(
         hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=len(vocab), max_position_embeddings=1024,
+        num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=1024,
         pad_token_id=0, bos_token_id=2, eos_token_id=3,
     )  # fmt: skip
     config = transformers.LlavaConfig(
         vision_config=transformers.CLIPVisionConfig(**TINY_VISION), text_config=text_config,
-        image_token_id=vocab["<image>"], vision_feature_layer=-1,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
         vision_feature_select_strategy="default",
     )  # fmt: skip
     torch.manual_seed(seed)
@@ -734,16 +717,9 @@ def sft_warm_start(policy, args, rng):
         nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if step % 50 == 0 or step == args.sft_steps:  # read-out accuracy: can the model see yet?
-            policy.eval()  # dropout off, as when the model plays
-            frames = [f for f, _, _ in check]
-            answers = policy.generate(frames, check_prompts, True, args.max_new_tokens)
-            texts = [tok.decode(a, skip_special_tokens=True) for a in answers]
-            readout = np.mean(
-                [thought_text(args.task, i) in s for (_, i, _), s in zip(check, texts)]
-            )
+            readout = plumbing.readout_accuracy(policy, args, check, check_prompts)
             print(f"sft step {step:4d}/{args.sft_steps} | loss {loss:.3f} | "
                   f"read-out (greedy) {readout:.2f}", flush=True)  # fmt: skip
-            policy.train()
 
 
 # ---- EVALUATION: fixed seeds disjoint from training; success = summed reward > 0 (the paper) ----
@@ -829,14 +805,8 @@ def set_trainable(policy, args, phase):
     if args.lora_rank > 0 and (phase == "rl" or args.lora_in_sft) and not has_lora:
         add_lora(policy.vlm, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
         plumbing.broadcast_weights(policy)  # torchrun: every worker starts from rank 0's adapters
-    if phase == "rl":
-        # The rollout scores old log-probs and values with dropout off (eval mode); the update
-        # must score with the same function, or the first minibatch's ratio is not 1.
-        for m in policy.modules():
-            if isinstance(m, nn.Dropout):
-                m.p = 0.0
-            if isinstance(getattr(m, "attention_dropout", None), float):
-                m.attention_dropout = 0.0
+    if phase == "rl":  # the update scores with dropout off, as the rollout did: ratio 1
+        plumbing.dropout_off(policy)
     module = policy if phase == "rl" else policy.vlm  # the value head trains in RL only
     params = [p for p in module.parameters() if p.requires_grad]
     plumbing.print_trainable(policy, args, phase, params)
