@@ -50,6 +50,27 @@ def run(out, name, argv):
         return summary, [json.loads(line) for line in f]
 
 
+def commit():
+    """The commit the figures come from (with '+ local changes' if the tree differs from it)."""
+    git = ["git", "-C", HERE]
+    head = subprocess.run([*git, "log", "-1", "--format=%h"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    )
+    return (head.stdout.strip() or "unknown") + (" + local changes" if dirty.stdout.strip() else "")
+
+
+def ev(rows):
+    """Mean explained variance over the second half of a run's updates."""
+    half = rows[len(rows) // 2 :]
+    return float(np.nanmean([r["explained_var"] for r in half]))
+
+
+def max_fmt(rows):
+    """The largest format-error rate of an update after the second."""
+    return max([r["format_error_rate"] for r in rows[2:]], default=0.0)
+
+
 def mean_sd(values):
     return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
 
@@ -248,32 +269,37 @@ def curves(results, path):
                 label=f"seed {seed}",
                 lw=1.2,
             )
-        ax.axhline(PAPER["rl"][task] / 100, color="k", ls=":", lw=1, label="paper (7B)")
+        sft = np.mean([summary["eval_success_before_rl"] for summary, _ in runs.values()])
+        ax.axhline(sft, color="gray", ls="--", lw=1, label=f"SFT only {sft:.2f}")
+        ax.axhline(PAPER["rl"][task] / 100, color="k", ls=":", lw=1, label="paper after RL (7B)")
         ax.set(title=task, xlabel="env steps", ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("training success (last 100 episodes)")
-    axes[0][-1].legend(fontsize=7)
+    for ax in axes[0]:
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def report(results, ablations, spd, command, wall, threads, episodes, seeds):
+def report(results, ablations, spd, command, wall, threads, episodes, seeds, source):
     runs = {
         id(s): s for group in (results, ablations) for r in group.values() for s, _ in r.values()
     }.values()
     lines = [
         "# rl4vlm-min benchmark (embedded tiny model, CPU)",
         "",
-        f"Made by `{command}` on {os.cpu_count()} CPU cores, torch {torch.__version__}, {threads} torch thread(s). "
+        f"Made by `{command}` at commit {source} on {os.cpu_count()} CPU cores, torch {torch.__version__}, {threads} torch thread(s). "
         f"The {len(runs)} training runs took {sum(s['wall_seconds'] for s in runs) / 60:.0f} min of wall time "
         f"together (runs already finished are reused; this invocation took {wall / 60:.0f} min). Success = summed episode reward > 0 over {episodes} fixed eval episodes "
         f"(seeds disjoint from training); mean ± sd over seeds {', '.join(map(str, seeds))}. Sampled at the "
-        "training temperature (0.5); greedy = argmax decoding.",
+        f"training temperature ({R.Args().temperature}); greedy = argmax decoding. ev: the critic's mean explained "
+        "variance over the second half of the updates; max fmt_err: the largest format-error rate of an update after "
+        "the second; wall: seconds of the whole command per run.",
         "",
         "| task | random | oracle | SFT only (sampled) | after RL (sampled) | after RL (greedy) | read-out after RL | "
-        "paper: SFT -> RL (LLaVA-1.6-7B) |",
-        "|---|---|---|---|---|---|---|---|",
+        "ev | max fmt_err | wall (s) | paper: SFT -> RL (LLaVA-1.6-7B) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for task, runs in results.items():
         s = [summary for summary, _ in runs.values()]
@@ -282,6 +308,9 @@ def report(results, ablations, spd, command, wall, threads, episodes, seeds):
             f"{mean_sd([x['eval_success_before_rl'] for x in s])} | {mean_sd([x['eval_success_after_rl'] for x in s])} | "
             f"{mean_sd([x['eval_greedy_success_after_rl'] for x in s])} | "
             f"{mean_sd([x['after']['sampled']['readout_acc'] for x in s])} | "
+            f"{np.mean([ev(rows) for _, rows in runs.values()]):+.2f} | "
+            f"{max(max_fmt(rows) for _, rows in runs.values()):.2f} | "
+            f"{np.mean([x['wall_seconds'] for x in s]):.0f} | "
             f"{PAPER['sft'][task]} -> {PAPER['rl'][task]} |"
         )
     lines += ["", "Per seed (sampled success, SFT only -> after RL):", ""]
@@ -356,7 +385,7 @@ def main(argv=None):
     )
     opts = parser.parse_args(argv)
     torch.set_num_threads(opts.threads)
-    t0 = time.time()
+    t0, source = time.time(), commit()  # the code the runs start from
     tasks, seeds, extra = TASKS, opts.seeds, []
     if opts.quick:
         tasks, seeds = ["numberline"], [1]
@@ -401,7 +430,9 @@ def main(argv=None):
     os.makedirs(opts.out, exist_ok=True)
     curves(results, os.path.join(opts.out, "curves.png"))
     command = (
-        "python bench.py" + (" --quick" if opts.quick else "") + (f" --threads {opts.threads}")
+        "python benchmark/bench.py"
+        + (" --quick" if opts.quick else "")
+        + (f" --threads {opts.threads}")
     )
     with open(os.path.join(opts.out, "RESULTS.md"), "w") as f:
         f.write(
@@ -414,6 +445,7 @@ def main(argv=None):
                 opts.threads,
                 2 if opts.quick else R.Args().eval_episodes,
                 seeds,
+                source,
             )
         )
     print(
