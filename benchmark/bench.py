@@ -383,6 +383,12 @@ def main(argv=None):
     parser.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="torch threads"
     )
+    parser.add_argument(
+        "--runs-only",
+        action="store_true",
+        help="train (or reuse) the runs, no speed measurement and no report: for running the seeds "
+        "in parallel processes before one last invocation writes the report",
+    )
     opts = parser.parse_args(argv)
     torch.set_num_threads(opts.threads)
     t0, source = time.time(), commit()  # the code the runs start from
@@ -425,6 +431,8 @@ def main(argv=None):
         }
         for name, flags in ABLATIONS.items()
     }
+    if opts.runs_only:
+        return
     model = os.path.join(opts.out, "runs", f"numberline-seed{seeds[0]}", "final_model")
     spd = speed(model, os.path.join(opts.out, "runs", "speed"), 16 if opts.quick else 64)
     os.makedirs(opts.out, exist_ok=True)
