@@ -63,7 +63,8 @@ def commit():
 def ev(rows):
     """Mean explained variance over the second half of a run's updates."""
     half = rows[len(rows) // 2 :]
-    return float(np.nanmean([r["explained_var"] for r in half]))
+    values = [r["explained_var"] for r in half if r["explained_var"] == r["explained_var"]]
+    return float(np.mean(values)) if values else float("nan")  # nan: every return was the same
 
 
 def max_fmt(rows):
@@ -86,7 +87,7 @@ class Timers:
         real = getattr(owner, attr)
 
         def timed(*a, **k):
-            key = name(*a) if callable(name) else name
+            key = name(*a, **k) if callable(name) else name
             t = time.perf_counter()
             try:
                 return real(*a, **k)
@@ -164,16 +165,14 @@ def speed(model_path, out_dir, steps):
     optimizer = R.start_rl(policy, args)
     timers = Timers()
     timers.wrap(R.Policy, "generate", "generation (batched generate)")
-    timers.wrap(
-        R.Policy,
-        "score",
-        lambda *a: (
-            "PPO forward (scoring with grad)"
-            if torch.is_grad_enabled()
-            else "rollout scoring (no grad)"
-        ),
-    )
-    timers.wrap(R.Policy, "value", "rollout scoring (no grad)")
+
+    def score_part(*a, reference=False, **k):
+        if reference:  # inside the update: the frozen SFT policy for the KL penalty
+            return "PPO: KL reference scoring (no grad)"
+        return "PPO forward (scoring with grad)" if torch.is_grad_enabled() else "rollout scoring"
+
+    timers.wrap(R.Policy, "score", score_part)
+    timers.wrap(R.Policy, "value", "rollout scoring")
     timers.wrap(R, "ppo_update", "PPO update in total")
     timers.wrap(P, "save_checkpoint", "checkpoint")
     for cls in envs.TASKS.values():
@@ -185,8 +184,10 @@ def speed(model_path, out_dir, steps):
         timers.restore()
     total = time.perf_counter() - t
     parts = dict(timers.total)
-    parts["PPO backward + optimizer step"] = parts.pop("PPO update in total") - parts.get(
-        "PPO forward (scoring with grad)", 0.0
+    in_update = ("PPO forward (scoring with grad)", "PPO: KL reference scoring (no grad)")
+    update_total = parts.pop("PPO update in total")
+    parts["PPO backward + optimizer step"] = update_total - sum(
+        parts.get(k, 0.0) for k in in_update
     )
     parts["other (prompts, parsing, GAE, logging)"] = total - sum(parts.values())
     workers = worker_speed(
