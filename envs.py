@@ -35,6 +35,10 @@ def card_value(rank):  # faces count as 10, an ace as 1
     return min(rank, 10)
 
 
+def label_value(label):  # what a card's label counts: "Q" -> 10, "A" -> 1, "7" -> 7
+    return {"A": 1, "J": 10, "Q": 10, "K": 10}.get(label) or int(label)
+
+
 def labels(cards):  # what each card shows: its rank, or "" face down (rank 0)
     return [(RANKS.get(rank, str(rank)) if rank else "", suit) for rank, suit in cards]
 
@@ -64,6 +68,12 @@ class CardEnv(gym.Env):
 
     def render(self):
         return np.array(self.frame())  # (300, 300, 3) uint8, the observation itself
+
+    def frame(self):  # the card games: a table of cards and text (plumbing.card_table)
+        return card_table(*self.table())
+
+    def table(self):  # rows [(y, [(label, suit), ...])], texts [(y, text, size)], card size[, x]
+        raise NotImplementedError
 
     def obs(self):
         return self.render(), self.info()
@@ -225,11 +235,11 @@ class PointsEnv(CardEnv):
                 return self.action_names.index(sol[n] if n < len(sol) else "=")
         return self.action_names.index("=")
 
-    def frame(self):
+    def table(self):
         text = " ".join(self.formula) if self.formula else "(empty)"
         texts = [(205, "Formula:", 26), (250, text, 30 if len(text) < 16 else 18)]
-        size = (100, 150) if self.num_cards == 2 else (64, 92)  # legible at 64x64
-        return card_table([(20, labels(self.cards))], texts, *size)
+        size = (100, 150) if self.num_cards == 2 else (64, 92)
+        return [(20, labels(self.cards))], texts, size
 
 
 class Points24(PointsEnv):
@@ -310,10 +320,11 @@ class Blackjack(CardEnv):
             )
         return int(not stand)
 
-    def frame(self):
+    def table(self):
         dealer = self.dealer if self.done else [self.dealer[0], (0, "")]  # rank 0: face down
         rows = [(30, labels(dealer)), (178, labels(self.player))]
-        return card_table(rows, [(140, "Dealer above, player below", 16)])
+        texts = [(140, "Dealer above, player below", 16)]
+        return rows, texts, (64, 92), 20  # cards from x = 20: each keeps its place as hands grow
 
 
 TASKS = {cls.__name__.lower(): cls for cls in (NumberLine, EZPoints, Points24, Blackjack)}

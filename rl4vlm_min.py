@@ -72,9 +72,11 @@ def arg(default, help):
 @dataclass
 class Args:
     task: Literal["numberline", "ezpoints", "points24", "blackjack"] = arg(
-        "numberline", "which card env to learn"
+        "numberline", "which card env to learn; sets that game's row of GAME_DEFAULTS first"
     )
     model: str = arg("tiny", "'tiny' (embedded LLaVA) or a Hugging Face id / local checkpoint")
+    pretrain_steps: int = arg(3000, "tiny model: steps of its cached pretraining (0: none)")
+    rebuild_tiny: bool = arg(False, "tiny model: pretrain it again, not from the cache")
     preset: Literal["tiny", "paper"] = arg("tiny", "'paper': §2 of RL4VLM before your flags")
     seed: int = arg(1, "seeds torch, numpy, python, the envs, sampling and the SFT data")
     output_dir: str = arg("", "metrics, checkpoints and plots (default runs/<task>-seed<seed>)")
@@ -115,7 +117,7 @@ class Args:
     sft_batch_size: int = arg(16, "answers per SFT step")
     sft_lr: float = arg(1e-3, "Adam learning rate of SFT")
     sft_readout_steps: int = arg(-1, "first SFT steps train the thoughts alone (-1: half)")
-    sft_oracle_prob: float = arg(-1.0, "chance an SFT answer acts as the oracle (-1: per task)")
+    sft_oracle_prob: float = arg(0.0, "chance an SFT answer acts as the oracle")
     # evaluation and output
     eval_episodes: int = arg(200, "episodes per evaluation, on seeds disjoint from training")
     save_every: int = arg(0, "checkpoint every K updates (0 = only at the end)")
@@ -125,8 +127,6 @@ class Args:
 
     def __post_init__(self):  # derived sizes, computed once, right here
         self.output_dir = self.output_dir or f"runs/{self.task}-seed{self.seed}"
-        if self.sft_oracle_prob < 0:
-            self.sft_oracle_prob = SFT_ORACLE_PROB[self.task]
         if self.sft_readout_steps < 0:
             self.sft_readout_steps = self.sft_steps // 2
         self.batch_size = self.num_envs * self.num_steps  # B
@@ -134,10 +134,17 @@ class Args:
         self.num_updates = max(self.total_steps // max(self.batch_size * WORLD, 1), 1)
 
 
-# The action of an SFT answer is the oracle's with this probability. NumberLine and Blackjack
-# start from random actions so RL has all the deciding to learn; the points games need a policy
-# that sometimes finishes a formula, or RL never sees a reward (the paper's SFT: 23% on EZPoints).
-SFT_ORACLE_PROB = {"numberline": 0.0, "ezpoints": 0.5, "points24": 0.5, "blackjack": 0.0}
+# Each game's tuned settings, set before the flags you type (which win): `--task X` alone runs X as
+# tuned. The runs behind every value are in README.md ("Each game's defaults"). sft_oracle_prob:
+# NumberLine and Blackjack start RL from random actions, so RL has all the deciding to learn; the
+# points games need a policy that sometimes finishes a formula, or RL never sees a reward (the
+# paper's SFT: 23% on EZPoints). Blackjack is evaluated on 1,000 episodes, as in the paper.
+GAME_DEFAULTS = {
+    "numberline": dict(sft_oracle_prob=0.0),
+    "ezpoints": dict(sft_oracle_prob=0.5),
+    "points24": dict(sft_oracle_prob=0.5),
+    "blackjack": dict(sft_oracle_prob=0.0, eval_episodes=1000),
+}
 # §2 of the paper. Steps per update: 512 (NumberLine, Blackjack) or 1024 (points games), in
 # minibatches of 128.
 PAPER_PRESET = dict(
@@ -158,10 +165,12 @@ def parse_args(argv=None):
     given = {"cot" if name == "no_cot" else name for name in given}
     if args.resume:
         args = plumbing.resumed_args(args, given)  # the run's own settings, from its checkpoint
-    elif args.preset == "paper":  # the preset first, then any flag the user typed wins
-        steps = 1024 if args.task in ("ezpoints", "points24") else 512
-        paper = dict(PAPER_PRESET, num_steps=steps // 4, num_minibatches=steps // 128)
-        for key, value in paper.items():
+    else:  # the game's defaults, then the paper's (--preset paper); any flag typed wins
+        settings = dict(GAME_DEFAULTS[args.task])
+        if args.preset == "paper":
+            steps = 1024 if args.task in ("ezpoints", "points24") else 512
+            settings.update(PAPER_PRESET, num_steps=steps // 4, num_minibatches=steps // 128)
+        for key, value in settings.items():
             if key not in given:
                 setattr(args, key, value)
         args.__post_init__()
@@ -219,7 +228,9 @@ def thought_text(task, info):
         return f"current is {info['Current']}, target is {info['Target']}, the target is {side}"
     if task in ("ezpoints", "points24"):
         return "numbers are " + ", ".join(str(n) for n in info["Numbers"])
-    return f"my total is {info['Player Total']}, dealer shows {info['Dealer Total']}"
+    cards = ", ".join(str(envs.label_value(name[:-1])) for name in info["Player Card"])
+    total, dealer = info["Player Total"], info["Dealer Total"]
+    return f"my cards are {cards}, my total is {total}, dealer shows {dealer}"  # cards, then sum
 
 
 def answer_text(task, info, action_name, cot):
@@ -255,7 +266,7 @@ def parse_action(text, action_names, rng=None):
 # ---- MODEL: the embedded tiny LLaVA, loading, LoRA, value head, the one scoring function ----
 TINY_VISION = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    image_size=64, patch_size=16,
+    image_size=128, patch_size=16,
 )  # fmt: skip
 
 
@@ -782,11 +793,8 @@ def setup(args):
     plumbing.start_workers(device)  # torchrun: join the other workers
     plumbing.make_output_dir(args)
     model_path = plumbing.resumed_model(args)  # a resumed run's SFT model, if it saved one
-    if model_path is None and args.model == "tiny":
-        model_path = os.path.join(args.output_dir, "tiny_model")
-        if RANK == 0:
-            build_tiny_model(model_path, args.seed)
-        plumbing.barrier()  # torchrun: the others wait for the tiny model to be written
+    if model_path is None and args.model == "tiny":  # built and pretrained once per machine
+        model_path = plumbing.tiny_model(args)
     processor, vlm = load_model(model_path or args.model, device, dtype, args.trust_remote_code)
     if args.gradient_checkpointing:
         vlm.activation_checkpointing_enable()  # every decoder layer recomputed in the backward

@@ -4,6 +4,8 @@ Run: HF_HUB_OFFLINE=1 python -m pytest -q test_min.py
 """
 
 import itertools
+import os
+import tempfile
 from fractions import Fraction
 
 import gymnasium as gym
@@ -13,6 +15,9 @@ from gymnasium.utils.env_checker import check_env
 
 import envs
 from envs import Blackjack, EZPoints, NumberLine, Points24, evaluate
+
+# the tiny model's pretraining cache: a new folder for this test session, never the user's
+os.environ["RL4VLM_MIN_CACHE"] = tempfile.mkdtemp(prefix="rl4vlm-min-cache-")
 
 IDS = [
     "gym_cards/NumberLine-v0",
@@ -258,9 +263,9 @@ def test_oracle_and_random_success(cls, oracle_min, random_max):
 
 # ---- THE LOOP: parser, GAE, scoring, LoRA, PPO invariants ----
 import json
-import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import torch
 import transformers
@@ -520,6 +525,8 @@ def test_scored_logprobs_match_generate_on_left_padded_batch(tiny):
 def small_args(tmp, *extra):
     return R.parse_args(
         [
+            "--pretrain-steps",
+            "0",
             "--num-envs",
             "4",
             "--num-steps",
@@ -573,6 +580,8 @@ def test_ratio_is_one_on_first_minibatch(tiny, tmp_path):
 
 
 PAPER_TINY = [
+    "--pretrain-steps",
+    "0",
     "--preset",
     "paper",
     "--num-envs",
@@ -707,6 +716,56 @@ def test_critic_reads_the_state_not_the_answer(tiny):
     assert torch.allclose(v[0], v[1]) and torch.allclose(v[0], values[:1], atol=1e-5)
 
 
+# ---- THE TINY MODEL'S PRETRAINING: its targets, both stages, the cache ----
+def test_vision_probe_targets_name_each_card_at_its_patch():
+    grid = R.TINY_VISION["image_size"] // R.TINY_VISION["patch_size"]
+    env = points(Points24, [12, 1, 10, 7])  # Q A 10 7: values 10, 1, 10, 7 from left to right
+    target = P.patch_values(env, grid).view(grid, grid)
+    row = target[(target > 0).any(1)]  # the one grid row that holds the ranks
+    assert row.shape[0] == 1 and row[0][row[0] > 0].tolist() == [10, 1, 10, 7]
+    bj = Blackjack()
+    bj.reset(seed=0)
+    values = P.patch_values(bj, grid)
+    assert (values == 11).sum() == 1  # the dealer's hidden card: face down, never its value
+    assert (values > 0).sum() == 4  # two dealer cards, two of the player's
+
+
+def test_pretraining_trains_the_tower_and_the_language_model(tmp_path, monkeypatch):
+    monkeypatch.setitem(P.TINY_PRETRAIN, "vision_steps", 2)
+    monkeypatch.setitem(P.TINY_PRETRAIN, "vision_batch", 4)
+    monkeypatch.setitem(P.TINY_PRETRAIN, "batch_size", 4)
+    path = R.build_tiny_model(str(tmp_path), seed=0)
+    _, before = R.load_model(path, torch.device("cpu"), torch.float32)
+    P.pretrain_tiny(path, steps=2)
+    _, after = R.load_model(path, torch.device("cpu"), torch.float32)
+    moved = {
+        name.split(".")[1]
+        for (name, a), b in zip(before.named_parameters(), after.parameters())
+        if not torch.equal(a, b)
+    }
+    assert {"vision_tower", "multi_modal_projector", "language_model"} <= moved
+
+
+def test_pretrained_tiny_model_is_cached_and_rebuilt_when_its_inputs_change(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("RL4VLM_MIN_CACHE", str(tmp_path))
+    args = SimpleNamespace(pretrain_steps=0, rebuild_tiny=False)
+    first = P.tiny_model(args)
+    built = os.path.getmtime(os.path.join(first, "done"))
+    assert "pretraining the tiny model" in capsys.readouterr().out
+    assert P.tiny_model(args) == first  # the second run reuses it
+    assert "from the cache" in capsys.readouterr().out
+    assert os.path.getmtime(os.path.join(first, "done")) == built
+    monkeypatch.setitem(P.TINY_PRETRAIN, "lr", 2e-3)  # what determines it changed: a new one
+    second = P.tiny_model(args)
+    assert second != first and "pretraining the tiny model" in capsys.readouterr().out
+    monkeypatch.setitem(P.TINY_PRETRAIN, "lr", 1e-3)
+    assert P.tiny_model(SimpleNamespace(pretrain_steps=0, rebuild_tiny=True)) == first
+    assert "pretraining the tiny model" in capsys.readouterr().out  # --rebuild-tiny: built anew
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in (first, second))
+
+
 def test_kl_to_the_reference_is_zero_until_the_policy_moves(tiny, tmp_path):
     """--kl-coef: the reference is a frozen copy of the policy at RL start, so kl_ref is exactly 0 on the first
     minibatch, > 0 once the policy has taken a step, and the reference itself never changes."""
@@ -779,6 +838,8 @@ def run_cli(*argv, timeout=600):
 
 
 TINY_RUN = [
+    "--pretrain-steps",
+    "0",
     "--num-envs",
     "4",
     "--num-steps",
@@ -841,6 +902,8 @@ def test_each_game_default_configuration_completes(task, tmp_path):
     """Each game's default settings (SFT oracle share, critic input, KL reference) on a tiny schedule."""
     R.main(
         [
+            "--pretrain-steps",
+            "0",
             "--task",
             task,
             "--num-envs",
@@ -901,7 +964,9 @@ def test_notebook_runs_top_to_bottom(monkeypatch):
     from nbclient import NotebookClient
 
     # every cell runs, on a shorter schedule than a lecture's, on a copy (the stored outputs stay)
-    monkeypatch.setenv("NOTEBOOK_FLAGS", "--sft-steps 60 --total-steps 256 --eval-episodes 20")
+    monkeypatch.setenv(
+        "NOTEBOOK_FLAGS", "--pretrain-steps 0 --sft-steps 60 --total-steps 256 --eval-episodes 20"
+    )
     nb = nbformat.read(os.path.join(HERE, "NOTEBOOK.ipynb"), as_version=4)
     for cell in nb.cells:
         if cell.cell_type == "code":
@@ -1022,6 +1087,8 @@ def test_env_state_round_trips():
 
 
 RUN3 = [
+    "--pretrain-steps",
+    "0",
     "--num-envs",
     "4",
     "--num-steps",
@@ -1195,7 +1262,11 @@ def test_gradient_checkpointing_keeps_the_gradients_and_saves_less(tiny):
 
 
 def test_dry_run_times_one_step_and_one_update(tmp_path):
-    stats = R.train(R.parse_args(["--dry-run", "--num-envs", "4", "--output-dir", str(tmp_path)]))
+    stats = R.train(
+        R.parse_args(
+            ["--dry-run", "--pretrain-steps", "0", "--num-envs", "4", "--output-dir", str(tmp_path)]
+        )
+    )
     assert (
         stats["first_ratio_dev"] < 1e-5 and stats["peak_bytes"] > 0 and stats["update_seconds"] > 0
     )

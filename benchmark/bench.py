@@ -397,6 +397,8 @@ def main(argv=None):
     if opts.quick:
         tasks, seeds = ["numberline"], [1]
         extra = [
+            "--pretrain-steps",
+            "0",
             "--num-envs",
             "4",
             "--total-steps",
