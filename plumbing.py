@@ -2,6 +2,7 @@
 
 rl4vlm_min.py (the algorithm) and envs.py (the games) call these through one-line hooks:
 - the CLI's checks of its values, and every error message that tells the user what to do;
+- the tiny model's pretraining (what a real VLM knows before any game), built once and cached;
 - real checkpoints: the per-family bounds on image tokens and the checks of a loaded processor;
 - torchrun data parallelism: starting the workers, averaged gradients, merged metrics, and a check
   that every worker holds the same weights after every update;

@@ -14,9 +14,9 @@ start (SFT) on answers written from an oracle, as in the paper.
     torchrun --nproc_per_node K rl4vlm_min.py ...        # data-parallel on K GPUs or processes
 
 This file is the lecture: config, prompts, parser, model, rollout, GAE, PPO, SFT, evaluation,
-train(). plumbing.py holds what a first reading skips, called through one-line hooks: exact
-resume, torchrun's gradient averaging, the memory estimate and --dry-run, checks of real
-checkpoints, the log line, the plot and the summary, drawing the cards.
+train(). plumbing.py holds what a first reading skips, called through one-line hooks: the tiny
+model's cached pretraining, exact resume, torchrun's gradient averaging, the memory estimate and
+--dry-run, checks of real checkpoints, the log line, the plot and the summary, drawing the cards.
 
 Shapes: N envs, S steps per env per update, B batch (samples), P prompt tokens, A answer tokens,
 T = P + A, V vocabulary, H hidden size.
@@ -26,6 +26,11 @@ Deviations from the paper, each on purpose:
   loop runs on a laptop CPU; its defaults differ from the paper's (lr 1e-4, clip 0.2, grad-norm
   0.5, 16 envs x 8 steps, all weights train, SFT answers act at random in NumberLine and
   Blackjack so that RL has the deciding to learn). --preset paper restores §2 of the paper.
+- What a 7B LLaVA brings from its own pretraining, the tiny one gets from a pretraining stage
+  built once per machine and cached (plumbing.tiny_model): its vision tower learns the card
+  values patch by patch, then the whole model learns to describe frames of all four games. Its
+  chat template puts the image after the text, right before the answer. Blackjack's thoughts
+  name the player's cards before their total (the paper's ask for the total alone).
 - For the tiny model (not in the paper preset): the value head reads the mean of the prompt's
   hidden states, detached, not the last prompt token's; and a KL penalty toward the SFT policy
   (--kl-coef 0.5, exact over the vocabulary, logged as kl_ref) makes PPO's bursts of broken
