@@ -311,7 +311,8 @@ def tiny_model(args):
         t0 = time.time()
         os.makedirs(cache_root(), exist_ok=True)
         tmp = tempfile.mkdtemp(dir=cache_root(), prefix="building-")
-        pretrain_tiny(core().build_tiny_model(tmp, TINY_PRETRAIN["seed"]), args.pretrain_steps)
+        with torch.random.fork_rng():  # the run's own random stream is the same, cached or not
+            pretrain_tiny(core().build_tiny_model(tmp, TINY_PRETRAIN["seed"]), args.pretrain_steps)
         with open(os.path.join(tmp, "done"), "w") as f:
             f.write(f"{time.time() - t0:.0f} s\n")
         shutil.rmtree(path, ignore_errors=True)
@@ -530,9 +531,10 @@ def update_row(args, update, lr, episodes, data, stats, t_update):
 
 
 def trainable_state(policy):
-    return {
-        n: p.detach().contiguous().cpu() for n, p in policy.named_parameters() if p.requires_grad
-    }
+    """What RL changes: the trainable weights, and the critic input's fixed statistics."""
+    state = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    state |= {f"value_head.{n}": b for n, b in policy.value_head.named_buffers()}
+    return {n: t.detach().contiguous().cpu() for n, t in state.items()}
 
 
 def weights_digest(policy):

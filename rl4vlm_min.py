@@ -368,6 +368,18 @@ def add_lora(vlm, rank, alpha, dropout, targets):
     return len(names)
 
 
+class Standardize(nn.Module):
+    """x -> (x - mean) / std, with statistics fixed as RL starts (fit_critic_input)."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(size))
+        self.register_buffer("std", torch.ones(size))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
 class Policy(nn.Module):
     """The VLM (actor) plus a value head (critic) on the VLM's final hidden states of the prompt."""
 
@@ -384,8 +396,9 @@ class Policy(nn.Module):
         device = vlm.get_output_embeddings().weight.device
         # the paper's MLP, kept in fp32 whatever the VLM's dtype
         self.value_head = nn.Sequential(
-            nn.Linear(hidden, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 1)
-        ).to(device)
+            Standardize(hidden), nn.Linear(hidden, 1024), nn.ReLU(), nn.Linear(1024, 512),
+            nn.ReLU(), nn.Linear(512, 1),
+        ).to(device)  # fmt: skip
         tok = processor.tokenizer
         self.eos_id, self.pad_id = tok.eos_token_id, tok.pad_token_id
         # the image token and padding can never be sampled; scoring masks them the same way
@@ -393,7 +406,7 @@ class Policy(nn.Module):
         self.banned = sorted({t for t in (image_id, self.pad_id) if t not in (None, self.eos_id)})
 
     def device(self):
-        return self.value_head[0].weight.device
+        return self.value_head[1].weight.device
 
     def encode_prompts(self, frames, prompts):
         """Frames + chat-rendered prompts -> a left-padded batch: input_ids (B, P), ..."""
@@ -479,12 +492,14 @@ class Policy(nn.Module):
         30 NumberLine states. "mean" reads the mean over the prompt tokens, image tokens included,
         detached: the value loss trains the head only (trained through the trunk, the thoughts'
         read-out fell to 0.56-0.82 after RL; results/EXPERIMENTS.md)."""
+        return self.value_head(self.state_features(hidden, prompt_mask))[:, 0]  # (B,)
+
+    def state_features(self, hidden, prompt_mask):
+        """The value head's input (B, H), in fp32."""
         if self.value_input == "last":
-            features = hidden[:, -1]  # (B, H): the last prompt token, thanks to left padding
-        else:
-            m = prompt_mask[..., None].to(hidden.dtype)  # (B, P, 1)
-            features = ((hidden * m).sum(1) / m.sum(1)).detach()  # (B, H)
-        return self.value_head(features.float())[:, 0]  # (B,)
+            return hidden[:, -1].float()  # the last prompt token, thanks to left padding
+        m = prompt_mask[..., None].to(hidden.dtype)  # (B, P, 1)
+        return ((hidden * m).sum(1) / m.sum(1)).detach().float()
 
     def value(self, frames, prompts):
         """V(s) alone (to bootstrap the last step of a rollout)."""
@@ -830,9 +845,33 @@ def start_rl(policy, args):
     """What trains in RL (set_trainable), the KL reference (a frozen copy of the model as RL
     starts: the SFT policy) if --kl-coef > 0, and the optimizer."""
     params = set_trainable(policy, args, "rl")
+    if args.value_input == "mean":
+        fit_critic_input(policy, args)
     if args.kl_coef > 0 and policy.reference is None:
         policy.reference = copy.deepcopy(policy.vlm).requires_grad_(False)
     return torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
+
+
+def fit_critic_input(policy, args, n=256):
+    """The tiny model's mean prompt features differ between states by about 5% of their size:
+    a value head fit 0.06 of NumberLine's exact state values from them, 1.00 once each feature
+    was standardized (results/EXPERIMENTS.md §8). So the head's first layer standardizes them
+    with their mean and std over n states like SFT's, fixed for the run."""
+    data = sft_answers(args, envs.TASKS[args.task](), np.random.default_rng(args.seed + 7), n,
+                       0.0, policy.processor.tokenizer, readout_only=True)  # fmt: skip
+    prompts = task_prompts(policy.processor, args.task, [info for _, info, _ in data], args.cot)
+    features = []
+    with torch.no_grad():
+        for lo in range(0, n, args.micro_batch_size):
+            batch = policy.encode_prompts([f for f, _, _ in data[lo : lo + args.micro_batch_size]],
+                                          prompts[lo : lo + args.micro_batch_size])  # fmt: skip
+            mask = batch.pop("attention_mask")
+            hidden = policy.hidden_states(batch.pop("input_ids"), mask, batch)  # (b, P, H)
+            features.append(policy.state_features(hidden, mask))
+    features = torch.cat(features)  # (n, H)
+    policy.value_head[0].mean.copy_(features.mean(0))
+    policy.value_head[0].std.copy_(features.std(0).clamp(min=1e-4))
+    plumbing.broadcast_weights(policy)  # torchrun: every worker standardizes alike
 
 
 def ppo_loop(policy, optimizer, args, rng, generator):
