@@ -122,9 +122,9 @@ class Args:
     sft_batch_size: int = arg(16, "answers per SFT step")
     sft_lr: float = arg(1e-3, "Adam learning rate of SFT")
     sft_readout_steps: int = arg(-1, "first SFT steps train the thoughts alone (-1: half)")
-    sft_oracle_prob: float = arg(0.0, "chance an SFT answer acts as the oracle")
+    sft_oracle_prob: float = arg(0.0, "chance an SFT answer acts as the oracle (per game)")
     # evaluation and output
-    eval_episodes: int = arg(200, "episodes per evaluation, on seeds disjoint from training")
+    eval_episodes: int = arg(200, "episodes per evaluation (per game); seeds unlike training")
     save_every: int = arg(0, "checkpoint every K updates (0 = only at the end)")
     resume: str = arg("", "continue the run in this --output-dir from its last checkpoint")
     trust_remote_code: bool = arg(False, "let a checkpoint run its own code (if you trust it)")
@@ -146,7 +146,7 @@ class Args:
 # paper's SFT: 23% on EZPoints). Blackjack is evaluated on 1,000 episodes, as in the paper.
 GAME_DEFAULTS = {
     "numberline": dict(sft_oracle_prob=0.0),
-    "ezpoints": dict(sft_oracle_prob=0.5),
+    "ezpoints": dict(sft_oracle_prob=0.8),
     "points24": dict(sft_oracle_prob=0.5),
     "blackjack": dict(sft_oracle_prob=0.0, eval_episodes=1000),
 }
