@@ -730,21 +730,6 @@ def test_vision_probe_targets_name_each_card_at_its_patch():
     assert (values > 0).sum() == 4  # two dealer cards, two of the player's
 
 
-def test_readout_answers_are_the_opening_of_the_whole_answers(tiny):
-    """The read-out steps train the thoughts where whole answers have them (the same tokens at the
-    same distance from the image), so moving on to whole answers keeps what was learned."""
-    tok = tiny[1].tokenizer
-    for task in envs.TASKS:
-        args = SimpleNamespace(task=task, cot=True)
-        whole = R.sft_answers(args, envs.TASKS[task](), np.random.default_rng(0), 8, 0.0, tok)
-        readout = R.sft_answers(
-            args, envs.TASKS[task](), np.random.default_rng(0), 8, 0.0, tok, True
-        )
-        for (_, info, ids), (_, _, opening) in zip(whole, readout):
-            assert ids[: len(opening) - 1] == opening[:-1] and opening[-1] == tok.eos_token_id
-            assert R.thought_text(task, info) in tok.decode(opening, skip_special_tokens=True)
-
-
 def test_pretraining_trains_the_tower_and_the_language_model(tmp_path, monkeypatch):
     monkeypatch.setitem(P.TINY_PRETRAIN, "vision_steps", 2)
     monkeypatch.setitem(P.TINY_PRETRAIN, "vision_batch", 4)
