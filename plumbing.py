@@ -224,7 +224,9 @@ TINY_TEMPLATE = (
     "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '\n<image>' }}{% endif %}"
     "{% endfor %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
-TINY_SPLIT = r" ?[A-Za-z]+| ?\d+| ?[^\w\s]|\s"  # word-level pieces; a space sticks to what follows
+# Word-level pieces; a space sticks to what follows. The answer's JSON keys are one piece each, as
+# a BPE tokenizer merges frequent strings: the thoughts then start one token after "ASSISTANT:".
+TINY_SPLIT = r'\{"thoughts": "|", "action": "|\{"action": "| ?[A-Za-z]+| ?\d+| ?[^\w\s]|\s'
 
 
 def tiny_tokenizer():
@@ -298,7 +300,9 @@ def tiny_model_key(steps):
             rl.build_tiny_model, rl.build_prompt, rl.chat_prompt, rl.thought_text, rl.answer_text,
             rl.sft_answers, rl.load_model]  # fmt: skip
     code += [rl.Policy.encode_prompts, rl.Policy.score, rl.Policy.hidden_states]
-    text = json.dumps([rl.TINY_VISION, TINY_TEMPLATE, TINY_PRETRAIN, rl.GAME_RULES, steps])
+    text = json.dumps(
+        [rl.TINY_VISION, TINY_TEMPLATE, TINY_SPLIT, TINY_PRETRAIN, rl.GAME_RULES, steps]
+    )
     text += "".join(inspect.getsource(obj) for obj in code) + transformers.__version__
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

@@ -375,10 +375,11 @@ def test_tiny_model_is_deterministic_and_round_trips(tiny, tmp_path):
         torch.equal(a, b) for a, b in zip(vlm.state_dict().values(), vlm2.state_dict().values())
     )
     text = '{"thoughts": "numbers are 10, 2", "action": "+"}'
-    assert (
-        processor.tokenizer.decode(processor.tokenizer(text, add_special_tokens=False).input_ids)
-        == text
-    )
+    ids = processor.tokenizer(text, add_special_tokens=False).input_ids
+    assert processor.tokenizer.decode(ids) == text
+    # the JSON keys are one token each: the thoughts start one token after "ASSISTANT:"
+    pieces = processor.tokenizer.convert_ids_to_tokens(ids)
+    assert pieces[:2] == ['{"thoughts": "', "numbers"] and '", "action": "' in pieces
 
 
 def test_tiny_vocabulary_covers_every_prompt_and_answer(tiny):
@@ -730,6 +731,23 @@ def test_vision_probe_targets_name_each_card_at_its_patch():
     assert (values > 0).sum() == 4  # two dealer cards, two of the player's
 
 
+def test_readout_answers_are_the_opening_of_the_whole_answers(tiny):
+    """Read-out answers (pretraining, SFT's first steps) are the whole answer's first tokens: the
+    thoughts at the same distance from the image, so whole answers keep what was learned."""
+    tok = tiny[1].tokenizer
+    for task in envs.TASKS:
+        args = SimpleNamespace(task=task, cot=True)
+        whole = R.sft_answers(args, envs.TASKS[task](), np.random.default_rng(0), 8, 0.0, tok)
+        readout = R.sft_answers(
+            args, envs.TASKS[task](), np.random.default_rng(0), 8, 0.0, tok, True
+        )
+        for (_, info, ids), (_, _, opening) in zip(whole, readout):
+            assert ids[: len(opening) - 1] == opening[:-1] and opening[-1] == tok.eos_token_id
+            assert tok.decode(opening, skip_special_tokens=True).endswith(
+                R.thought_text(task, info)
+            )
+
+
 def test_pretraining_trains_the_tower_and_the_language_model(tmp_path, monkeypatch):
     monkeypatch.setitem(P.TINY_PRETRAIN, "vision_steps", 2)
     monkeypatch.setitem(P.TINY_PRETRAIN, "vision_batch", 4)
@@ -764,6 +782,25 @@ def test_pretrained_tiny_model_is_cached_and_rebuilt_when_its_inputs_change(
     assert P.tiny_model(SimpleNamespace(pretrain_steps=0, rebuild_tiny=True)) == first
     assert "pretraining the tiny model" in capsys.readouterr().out  # --rebuild-tiny: built anew
     assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in (first, second))
+
+
+def test_tiny_model_key_covers_every_setting_that_shapes_the_model(monkeypatch):
+    """The key changes with each constant the build reads (a key blind to one of them would load a
+    stale model): the vision geometry, chat template, tokenizer split, pretraining settings, rules."""
+    key = P.tiny_model_key(3000)
+    assert P.tiny_model_key(0) != key
+    changes = [
+        (P, "TINY_TEMPLATE", P.TINY_TEMPLATE + " "),
+        (P, "TINY_SPLIT", P.TINY_SPLIT + "|x"),
+        (P, "TINY_PRETRAIN", {**P.TINY_PRETRAIN, "vision_steps": 1}),
+        (R, "TINY_VISION", {**R.TINY_VISION, "patch_size": 8}),
+        (R, "GAME_RULES", {**R.GAME_RULES, "numberline": "Play."}),
+    ]
+    for module, name, value in changes:
+        with monkeypatch.context() as m:
+            m.setattr(module, name, value)
+            assert P.tiny_model_key(3000) != key, name
+    assert P.tiny_model_key(3000) == key
 
 
 def test_kl_to_the_reference_is_zero_until_the_policy_moves(tiny, tmp_path):
