@@ -432,10 +432,8 @@ def test_prompt_keeps_image_state_out_of_text():
 def test_lambda_split_on_handmade_answer(tiny):
     policy = fresh_policy(tiny, thought_coef=0.0)
     tok = policy.processor.tokenizer
-    thought, action = (
-        '{"thoughts": "current is 1, target is 3",',
-        ' "action": "+"}',
-    )  # ' "' is one token
+    # the tiny tokenizer's '", "action": "' is one token: the action span starts there
+    thought, action = '{"thoughts": "current is 1, target is 3', '", "action": "+"}'
     ids = tok(thought + action, add_special_tokens=False).input_ids + [tok.eos_token_id]
     n_thought = len(tok(thought, add_special_tokens=False).input_ids)
     weights = policy.token_weights(ids)
