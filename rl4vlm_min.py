@@ -386,11 +386,8 @@ class Policy(nn.Module):
     def __init__(self, vlm, processor, temperature, thought_coef, value_input="last"):
         super().__init__()
         self.vlm, self.processor = vlm, processor
-        self.temperature, self.thought_coef, self.value_input = (
-            temperature,
-            thought_coef,
-            value_input,
-        )
+        self.temperature, self.thought_coef = temperature, thought_coef
+        self.value_input = value_input  # what the critic reads: see state_value
         self.reference = None  # a frozen copy of the VLM as RL starts, if --kl-coef > 0
         hidden = vlm.config.get_text_config().hidden_size
         device = vlm.get_output_embeddings().weight.device
@@ -501,13 +498,18 @@ class Policy(nn.Module):
         m = prompt_mask[..., None].to(hidden.dtype)  # (B, P, 1)
         return ((hidden * m).sum(1) / m.sum(1)).detach().float()
 
+    @torch.no_grad()
+    def features(self, frames, prompts):
+        """The value head's input (B, H) from frames and prompts alone."""
+        batch = self.encode_prompts(frames, prompts)
+        mask = batch.pop("attention_mask")
+        hidden = self.hidden_states(batch.pop("input_ids"), mask, batch)  # (B, P, H)
+        return self.state_features(hidden, mask)
+
+    @torch.no_grad()
     def value(self, frames, prompts):
         """V(s) alone (to bootstrap the last step of a rollout)."""
-        batch = self.encode_prompts(frames, prompts)
-        with torch.no_grad():
-            mask = batch.pop("attention_mask")
-            hidden = self.hidden_states(batch.pop("input_ids"), mask, batch)  # (B, P, H)
-            return self.state_value(hidden, mask)
+        return self.value_head(self.features(frames, prompts))[:, 0]  # (B,)
 
 
 # ---- ROLLOUT: N envs step together; one batched generate per step ----
@@ -860,15 +862,9 @@ def fit_critic_input(policy, args, n=256):
     data = sft_answers(args, envs.TASKS[args.task](), np.random.default_rng(args.seed + 7), n,
                        0.0, policy.processor.tokenizer, readout_only=True)  # fmt: skip
     prompts = task_prompts(policy.processor, args.task, [info for _, info, _ in data], args.cot)
-    features = []
-    with torch.no_grad():
-        for lo in range(0, n, args.micro_batch_size):
-            batch = policy.encode_prompts([f for f, _, _ in data[lo : lo + args.micro_batch_size]],
-                                          prompts[lo : lo + args.micro_batch_size])  # fmt: skip
-            mask = batch.pop("attention_mask")
-            hidden = policy.hidden_states(batch.pop("input_ids"), mask, batch)  # (b, P, H)
-            features.append(policy.state_features(hidden, mask))
-    features = torch.cat(features)  # (n, H)
+    parts = [slice(lo, lo + args.micro_batch_size) for lo in range(0, n, args.micro_batch_size)]
+    frames = [frame for frame, _, _ in data]
+    features = torch.cat([policy.features(frames[part], prompts[part]) for part in parts])  # (n, H)
     policy.value_head[0].mean.copy_(features.mean(0))
     policy.value_head[0].std.copy_(features.std(0).clamp(min=1e-4))
     plumbing.broadcast_weights(policy)  # torchrun: every worker standardizes alike
