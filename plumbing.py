@@ -224,9 +224,7 @@ TINY_TEMPLATE = (
     "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '\n<image>' }}{% endif %}"
     "{% endfor %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
-# Word-level pieces; a space sticks to what follows. The answer's JSON keys are one piece each, as
-# a BPE tokenizer merges frequent strings: the thoughts then start one token after "ASSISTANT:".
-TINY_SPLIT = r'\{"thoughts": "|", "action": "|\{"action": "| ?[A-Za-z]+| ?\d+| ?[^\w\s]|\s'
+TINY_SPLIT = r" ?[A-Za-z]+| ?\d+| ?[^\w\s]|\s"  # word-level pieces; a space sticks to what follows
 
 
 def tiny_tokenizer():

@@ -714,9 +714,9 @@ def sft_answers(args, env, rng, n, oracle_prob, tokenizer, readout_only=False):
                 break
             obs, info = next_obs, next_info
         action = env.oracle() if rng.random() < oracle_prob else int(rng.integers(len(names)))
-        text = answer_text(args.task, info, names[action], args.cot)
-        if readout_only:  # the whole answer's opening: the thoughts alone, where it has them
-            text = '{"thoughts": "' + thought_text(args.task, info)
+        text = thought_text(args.task, info)
+        if not readout_only:
+            text = answer_text(args.task, info, names[action], args.cot)
         ids = tokenizer(text, add_special_tokens=False).input_ids
         out.append((obs, info, ids + [tokenizer.eos_token_id]))
     return out

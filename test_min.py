@@ -375,11 +375,10 @@ def test_tiny_model_is_deterministic_and_round_trips(tiny, tmp_path):
         torch.equal(a, b) for a, b in zip(vlm.state_dict().values(), vlm2.state_dict().values())
     )
     text = '{"thoughts": "numbers are 10, 2", "action": "+"}'
-    ids = processor.tokenizer(text, add_special_tokens=False).input_ids
-    assert processor.tokenizer.decode(ids) == text
-    # the JSON keys are one token each: the thoughts start one token after "ASSISTANT:"
-    pieces = processor.tokenizer.convert_ids_to_tokens(ids)
-    assert pieces[:2] == ['{"thoughts": "', "numbers"] and '", "action": "' in pieces
+    assert (
+        processor.tokenizer.decode(processor.tokenizer(text, add_special_tokens=False).input_ids)
+        == text
+    )
 
 
 def test_tiny_vocabulary_covers_every_prompt_and_answer(tiny):
@@ -432,8 +431,10 @@ def test_prompt_keeps_image_state_out_of_text():
 def test_lambda_split_on_handmade_answer(tiny):
     policy = fresh_policy(tiny, thought_coef=0.0)
     tok = policy.processor.tokenizer
-    # the tiny tokenizer's '", "action": "' is one token: the action span starts there
-    thought, action = '{"thoughts": "current is 1, target is 3', '", "action": "+"}'
+    thought, action = (
+        '{"thoughts": "current is 1, target is 3",',
+        ' "action": "+"}',
+    )  # ' "' is one token
     ids = tok(thought + action, add_special_tokens=False).input_ids + [tok.eos_token_id]
     n_thought = len(tok(thought, add_special_tokens=False).input_ids)
     weights = policy.token_weights(ids)
@@ -727,23 +728,6 @@ def test_vision_probe_targets_name_each_card_at_its_patch():
     values = P.patch_values(bj, grid)
     assert (values == 11).sum() == 1  # the dealer's hidden card: face down, never its value
     assert (values > 0).sum() == 4  # two dealer cards, two of the player's
-
-
-def test_readout_answers_are_the_opening_of_the_whole_answers(tiny):
-    """Read-out answers (pretraining, SFT's first steps) are the whole answer's first tokens: the
-    thoughts at the same distance from the image, so whole answers keep what was learned."""
-    tok = tiny[1].tokenizer
-    for task in envs.TASKS:
-        args = SimpleNamespace(task=task, cot=True)
-        whole = R.sft_answers(args, envs.TASKS[task](), np.random.default_rng(0), 8, 0.0, tok)
-        readout = R.sft_answers(
-            args, envs.TASKS[task](), np.random.default_rng(0), 8, 0.0, tok, True
-        )
-        for (_, info, ids), (_, _, opening) in zip(whole, readout):
-            assert ids[: len(opening) - 1] == opening[:-1] and opening[-1] == tok.eos_token_id
-            assert tok.decode(opening, skip_special_tokens=True).endswith(
-                R.thought_text(task, info)
-            )
 
 
 def test_pretraining_trains_the_tower_and_the_language_model(tmp_path, monkeypatch):
