@@ -121,7 +121,7 @@ class Args:
     sft_steps: int = arg(500, "supervised warm-start steps before RL (0 = none)")
     sft_batch_size: int = arg(16, "answers per SFT step")
     sft_lr: float = arg(1e-3, "Adam learning rate of SFT")
-    sft_readout_steps: int = arg(-1, "first SFT steps train the thoughts alone (-1: half)")
+    sft_readout_steps: int = arg(0, "first SFT steps on the thoughts alone (-1: half; untrained)")
     sft_oracle_prob: float = arg(0.0, "chance an SFT answer acts as the oracle (per game)")
     # evaluation and output
     eval_episodes: int = arg(200, "episodes per evaluation (per game); seeds unlike training")
@@ -731,7 +731,8 @@ def sft_warm_start(policy, args, rng):
     check_prompts = task_prompts(policy.processor, args.task, [i for _, i, _ in check], args.cot)
     policy.train()
     for step in range(1, args.sft_steps + 1):
-        readout_only = step <= args.sft_readout_steps  # first learn to see, then to answer
+        # the pretrained tiny model reads already: read-out steps first help an untrained one only
+        readout_only = step <= args.sft_readout_steps
         n, oracle_prob = args.sft_batch_size, args.sft_oracle_prob
         data = sft_answers(args, env, rng, n, oracle_prob, tok, readout_only)
         prompts = task_prompts(policy.processor, args.task, [i for _, i, _ in data], args.cot)
