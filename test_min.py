@@ -579,6 +579,26 @@ def test_ratio_is_one_on_first_minibatch(tiny, tmp_path):
     )
 
 
+def test_value_loss_does_not_shrink_the_policy_step(tiny, tmp_path):
+    """The VLM's gradient is clipped apart from the value head's: returns 1,000x larger (a huge
+    value loss) leave the VLM's update as it is with the returns as they were (the default
+    critic's input is detached, so only clipping together could couple them)."""
+    args = small_args(
+        tmp_path, "--update-epochs", "1", "--num-minibatches", "1", "--micro-batch-size", "16"
+    )
+    data, adv, ret = one_rollout(fresh_policy(tiny), args, np.random.default_rng(0))
+    steps = []
+    for returns in (ret, ret * 1000):
+        policy = fresh_policy(tiny)
+        policy.value_input = "mean"  # the detached input: the value loss reaches the head only
+        before = [p.detach().clone() for p in policy.vlm.parameters()]
+        optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.1)
+        R.ppo_update(policy, optimizer, data, adv, returns, args, torch.Generator(), update=1)
+        steps.append([p.detach() - b for p, b in zip(policy.vlm.parameters(), before)])
+    assert any(d.abs().max() > 0 for d in steps[0])  # the VLM did move
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(*steps))
+
+
 PAPER_TINY = [
     "--pretrain-steps",
     "0",
