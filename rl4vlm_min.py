@@ -148,7 +148,7 @@ class Args:
 # paper's SFT: 23% on EZPoints). Blackjack is evaluated on 1,000 episodes, as in the paper.
 GAME_DEFAULTS = {
     "numberline": dict(sft_oracle_prob=0.0),
-    "ezpoints": dict(sft_oracle_prob=0.8),
+    "ezpoints": dict(sft_oracle_prob=0.5),
     "points24": dict(sft_oracle_prob=0.5),
     "blackjack": dict(sft_oracle_prob=0.0, eval_episodes=1000),
 }
