@@ -9,6 +9,7 @@ not run again, so an interrupted benchmark continues where it stopped.
 """
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -38,16 +39,25 @@ ABLATIONS = {
 }
 
 
-def run(out, name, argv):
-    """One training run (or its saved result). Returns (summary, metrics rows)."""
+def run(out, name, argv, train=True):
+    """One training run (or its saved result). Returns (summary, metrics rows), or None when the
+    run has not finished and train is False (--report-only)."""
     run_dir = os.path.join(out, "runs", name)
+    if run_dir in LOADED:
+        return LOADED[run_dir]
     if not os.path.exists(os.path.join(run_dir, "summary.json")):
+        if not train:
+            return None
         print(f"\n=== {name}: python rl4vlm_min.py {' '.join(argv)}", flush=True)
         R.train(R.parse_args([*argv, "--output-dir", run_dir]))
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return summary, [json.loads(line) for line in f]
+        LOADED[run_dir] = summary, [json.loads(line) for line in f]
+    return LOADED[run_dir]
+
+
+LOADED = {}  # run folder -> (summary, rows): a run shared by two tables is read once
 
 
 def commit():
@@ -74,6 +84,27 @@ def max_fmt(rows):
 
 def mean_sd(values):
     return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
+
+
+def blackjack_choices(run_dir, deals=400):
+    """The trained Blackjack model's greedy action on `deals` fresh deals (seeds unlike training
+    and evaluation): the share of hands of total 11 or less that it hits (a hit cannot bust them),
+    how many such hands there were, and its agreement with basic strategy (the env's oracle)."""
+    args = R.parse_args(["--task", "blackjack", "--output-dir", os.path.join(run_dir, "probe")])
+    model = os.path.join(run_dir, "final_model")
+    processor, vlm = R.load_model(model, torch.device("cpu"), torch.float32)
+    policy = R.Policy(vlm, processor, args.temperature, args.thought_coef, args.value_input)
+    rng, low, agree = np.random.default_rng(0), [], []
+    for lo in range(0, deals, 50):
+        games = [envs.Blackjack() for _ in range(lo, min(lo + 50, deals))]
+        first = [g.reset(seed=3 * 10**6 + lo + i) for i, g in enumerate(games)]
+        infos, frames = [info for _, info in first], [frame for frame, _ in first]
+        actions = R.act(policy, "blackjack", infos, frames, args, rng, greedy=True)[0]
+        for game, info, action in zip(games, infos, actions):
+            agree.append(action == game.oracle())
+            if info["Player Total"] <= 11:
+                low.append(action == 1)  # 1 = "hit"
+    return float(np.mean(low)), len(low), float(np.mean(agree))
 
 
 # ---- SPEED: rollout throughput vs batch width, PPO update vs minibatch size, where an update's time goes ----
@@ -283,65 +314,103 @@ def curves(results, path):
     plt.close(fig)
 
 
-def report(results, ablations, spd, command, wall, threads, episodes, seeds, source):
-    runs = {
-        id(s): s for group in (results, ablations) for r in group.values() for s, _ in r.values()
-    }.values()
+def cell(values, digits=2):
+    """mean ± sd of fractions, or the one value."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+
+
+def pick(summaries, *keys):
+    """summary[keys[0]][keys[1]]... of each run."""
+    return [functools.reduce(dict.get, keys, summary) for summary in summaries]
+
+
+def report(results, ablations, spd, command, wall, threads, episodes, seeds, source, extra):
+    """RESULTS.md: the four games, the ablations, Blackjack's hands of 11 or less, the speed."""
+    groups = [*results.values(), *(g for v in ablations.values() for g in v.values())]
+    runs = {id(s): s for group in groups for s, _ in group.values()}.values()  # each run once
+    missing = extra.get("missing", [])
     lines = [
         "# rl4vlm-min benchmark (embedded tiny model, CPU)",
         "",
-        f"Made by `{command}` at commit {source} on {os.cpu_count()} CPU cores, torch {torch.__version__}, {threads} torch thread(s). "
-        f"The {len(runs)} training runs took {sum(s['wall_seconds'] for s in runs) / 60:.0f} min of wall time "
-        f"together (runs already finished are reused; this invocation took {wall / 60:.0f} min). Success = summed episode reward > 0 over {episodes} fixed eval episodes "
-        f"(seeds disjoint from training); mean ± sd over seeds {', '.join(map(str, seeds))}. Sampled at the "
-        f"training temperature ({R.Args().temperature}); greedy = argmax decoding. ev: the critic's mean explained "
-        "variance over the second half of the updates; max fmt_err: the largest format-error rate of an update after "
-        "the second; wall: seconds of the whole command per run.",
+        f"Made by `{command}` from the runs of commit {source} on {os.cpu_count()} CPU cores, "
+        f"torch {torch.__version__}, {threads} torch thread(s) per run. The {len(runs)} training "
+        f"runs took {sum(s['wall_seconds'] for s in runs) / 60:.0f} min of wall time together "
+        f"(this invocation: {wall / 60:.0f} min). Each run is `python rl4vlm_min.py --task T "
+        "--seed S` (each game's defaults) plus the flags shown. Success = summed episode reward > "
+        "0 over each game's eval episodes (200; Blackjack 1,000), seeds disjoint from training; "
+        f"mean ± sd over the seeds. Sampled at the training temperature ({R.Args().temperature});"
+        " greedy = argmax decoding. gain: after RL minus SFT only, sampled. read-out: the share of "
+        "steps whose thoughts name the state right (sampled), SFT only -> after RL. ev: the "
+        "critic's mean explained variance over the second half of the updates. max fmt: the "
+        "largest format-error rate of an update after the second. s: wall seconds of the command.",
         "",
-        "| task | random | oracle | SFT only (sampled) | after RL (sampled) | after RL (greedy) | read-out after RL | "
-        "ev | max fmt_err | wall (s) | paper: SFT -> RL (LLaVA-1.6-7B) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| task | seeds | random | oracle | SFT only (sampled / greedy) | after RL (sampled / "
+        "greedy) | gain | read-out | ev | max fmt | s | paper: SFT -> RL (LLaVA-1.6-7B) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for task, runs in results.items():
-        s = [summary for summary, _ in runs.values()]
+    for task, group in results.items():
+        s, rows = [x for x, _ in group.values()], [r for _, r in group.values()]
+        get = functools.partial(pick, s)
+        before, after = get("before", "sampled", "success"), get("after", "sampled", "success")
         lines.append(
-            f"| {task} | {mean_sd([x['random_success'] for x in s])} | {mean_sd([x['oracle_success'] for x in s])} | "
-            f"{mean_sd([x['eval_success_before_rl'] for x in s])} | {mean_sd([x['eval_success_after_rl'] for x in s])} | "
-            f"{mean_sd([x['eval_greedy_success_after_rl'] for x in s])} | "
-            f"{mean_sd([x['after']['sampled']['readout_acc'] for x in s])} | "
-            f"{np.mean([ev(rows) for _, rows in runs.values()]):+.2f} | "
-            f"{max(max_fmt(rows) for _, rows in runs.values()):.2f} | "
-            f"{np.mean([x['wall_seconds'] for x in s]):.0f} | "
+            f"| {task} | {', '.join(map(str, group))} | {cell(get('random_success'))} | "
+            f"{cell(get('oracle_success'))} | {cell(before)} / "
+            f"{cell(get('before', 'greedy', 'success'))} | {cell(after)} / "
+            f"{cell(get('after', 'greedy', 'success'))} | "
+            f"{cell([a - b for a, b in zip(after, before)])} | "
+            f"{cell(get('before', 'sampled', 'readout_acc'))} -> "
+            f"{cell(get('after', 'sampled', 'readout_acc'))} | {np.mean([ev(r) for r in rows]):+.2f} | "
+            f"{max(max_fmt(r) for r in rows):.2f} | {np.mean(get('wall_seconds')):.0f} | "
             f"{PAPER['sft'][task]} -> {PAPER['rl'][task]} |"
         )
     lines += ["", "Per seed (sampled success, SFT only -> after RL):", ""]
-    for task, runs in results.items():
+    for task, group in results.items():
         lines.append(
             f"- {task}: "
             + "; ".join(
-                f"seed {seed} {s['eval_success_before_rl']:.2f} -> {s['eval_success_after_rl']:.2f}"
-                for seed, (s, _) in runs.items()
+                f"seed {seed} {s['eval_success_before_rl']:.3f} -> {s['eval_success_after_rl']:.3f}"
+                for seed, (s, _) in group.items()
             )
         )
+    if extra.get("blackjack"):
+        lines += ["", "Blackjack after RL, greedy, on 400 fresh deals (`blackjack_choices`):", ""]
+        for seed, (hit, n, agree) in extra["blackjack"].items():
+            lines.append(
+                f"- seed {seed}: hits {hit:.2f} of the {n} hands of 11 or less (basic strategy and "
+                f"the target: 1.00); agrees with basic strategy on {agree:.2f} of all deals"
+            )
+    lines += ["", "![learning curves](curves.png)"]
+    for task, variants in ablations.items():
+        lines += [
+            "",
+            f"## Ablations on {task} (CoT and lambda)",
+            "",
+            "| variant | seeds | SFT only (sampled) | after RL (sampled / greedy) | format errors "
+            "after RL | ev | max fmt |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, group in variants.items():
+            s, rows = [x for x, _ in group.values()], [r for _, r in group.values()]
+            lines.append(
+                f"| {name} | {', '.join(map(str, group))} | "
+                f"{cell([x['eval_success_before_rl'] for x in s])} | "
+                f"{cell([x['eval_success_after_rl'] for x in s])} / "
+                f"{cell([x['eval_greedy_success_after_rl'] for x in s])} | "
+                f"{cell([x['after']['sampled']['format_error_rate'] for x in s])} | "
+                f"{np.mean([ev(r) for r in rows]):+.2f} | {max(max_fmt(r) for r in rows):.2f} |"
+            )
     lines += [
         "",
-        "![learning curves](curves.png)",
-        "",
-        "## Ablations on NumberLine (same seeds)",
-        "",
-        "| variant | SFT only (sampled) | after RL (sampled) | after RL (greedy) | format errors after RL |",
-        "|---|---|---|---|---|",
+        "Paper: NumberLine with CoT 89.4, without 26.9; EZPoints 50.0 and 29.9; lambda in {0.3, "
+        "0.5} learned, 0.1 / 0.7 / 0.9 stayed flat.",
     ]
-    for name, runs in ablations.items():
-        s = [summary for summary, _ in runs.values()]
-        lines.append(
-            f"| {name} | {mean_sd([x['eval_success_before_rl'] for x in s])} | {mean_sd([x['eval_success_after_rl'] for x in s])} | "
-            f"{mean_sd([x['eval_greedy_success_after_rl'] for x in s])} | "
-            f"{mean_sd([x['after']['sampled']['format_error_rate'] for x in s])} |"
-        )
+    if missing:
+        lines += ["", "Not run (not finished when this report was written): " + ", ".join(missing)]
+    if spd is None:
+        return "\n".join(lines) + "\n"
     lines += [
-        "",
-        "Paper: with CoT 89.4, without 26.9 (NumberLine); lambda in {0.3, 0.5} learned, 0.1 / 0.7 / 0.9 stayed flat.",
         "",
         "## Speed (one process, the NumberLine model trained above)",
         "",
@@ -370,98 +439,76 @@ def report(results, ablations, spd, command, wall, threads, episodes, seeds, sou
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="NumberLine, one seed, short runs (a smoke test, minutes)",
+    flag = parser.add_argument
+    flag("--quick", action="store_true", help="NumberLine, one seed, short runs (a smoke test)")
+    flag("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of the full benchmark")
+    flag(
+        "--ezpoints-ablation-seeds",
+        type=int,
+        nargs="*",
+        default=[1],
+        help="EZPoints' (CoT, lambda)",
     )
-    parser.add_argument(
-        "--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of the full benchmark"
-    )
-    parser.add_argument(
-        "--out", default="results", help="where RESULTS.md, curves.png and runs/ go"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=torch.get_num_threads(), help="torch threads"
-    )
-    parser.add_argument(
-        "--runs-only",
-        action="store_true",
-        help="train (or reuse) the runs, no speed measurement and no report: for running the seeds "
-        "in parallel processes before one last invocation writes the report",
-    )
+    flag("--out", default="results", help="where RESULTS.md, curves.png and runs/ go")
+    flag("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    flag(
+        "--runs-only", action="store_true", help="train (or reuse) the runs, no speed measurement "
+        "and no report: for running seeds in parallel processes before one last invocation reports"
+    )  # fmt: skip
+    flag("--report-only", action="store_true", help="no training: report the finished runs")
+    flag("--no-speed", action="store_true", help="leave the speed measurement out of the report")
     opts = parser.parse_args(argv)
     torch.set_num_threads(opts.threads)
-    t0, source = time.time(), commit()  # the code the runs start from
+    t0, source, train = time.time(), commit(), not opts.report_only
     tasks, seeds, extra = TASKS, opts.seeds, []
+    ablation_seeds = {"numberline": seeds, "ezpoints": opts.ezpoints_ablation_seeds}
     if opts.quick:
-        tasks, seeds = ["numberline"], [1]
-        extra = [
-            "--pretrain-steps",
-            "0",
-            "--num-envs",
-            "4",
-            "--total-steps",
-            "32",
-            "--sft-steps",
-            "4",
-            "--sft-readout-steps",
-            "2",
-            "--eval-episodes",
-            "2",
-            "--max-new-tokens",
-            "16",
-        ]
-    results = {
-        task: {
-            seed: run(opts.out, f"{task}-seed{seed}", ["--task", task, "--seed", str(seed), *extra])
-            for seed in seeds
-        }
-        for task in tasks
-    }
+        tasks, seeds, ablation_seeds = ["numberline"], [1], {"numberline": [1]}
+        extra = "--pretrain-steps 0 --num-envs 4 --total-steps 32 --sft-steps 4 "
+        extra = (extra + "--sft-readout-steps 2 --eval-episodes 2 --max-new-tokens 16").split()
+    missing = []
+
+    def runs(task, seeds, flags=()):  # {seed: (summary, rows)} of the runs that exist
+        found = {}
+        for seed in seeds:
+            name = "-".join([task, *(f.strip("-") for f in flags), f"seed{seed}"])
+            argv = ["--task", task, "--seed", str(seed), *flags, *extra]
+            result = run(opts.out, name, argv, train)
+            if result is None:
+                missing.append(name)
+            else:
+                found[seed] = result
+        return found
+
+    results = {task: runs(task, seeds) for task in tasks}
     ablations = {
-        name: {
-            seed: (
-                results["numberline"][seed]
-                if not flags
-                else run(
-                    opts.out,
-                    f"numberline-{'-'.join(f.strip('-') for f in flags)}-seed{seed}",
-                    ["--task", "numberline", "--seed", str(seed), *flags, *extra],
-                )
-            )
-            for seed in seeds
-        }
-        for name, flags in ABLATIONS.items()
+        task: {name: runs(task, task_seeds, flags) for name, flags in ABLATIONS.items()}
+        for task, task_seeds in ablation_seeds.items()
+        if task_seeds
     }
     if opts.runs_only:
         return
-    model = os.path.join(opts.out, "runs", f"numberline-seed{seeds[0]}", "final_model")
-    spd = speed(model, os.path.join(opts.out, "runs", "speed"), 16 if opts.quick else 64)
+    results = {task: group for task, group in results.items() if group}
+    for task in ablations:
+        ablations[task] = {name: group for name, group in ablations[task].items() if group}
+    black = {}
+    for seed in results.get("blackjack", {}):
+        black[seed] = blackjack_choices(os.path.join(opts.out, "runs", f"blackjack-seed{seed}"))
+    spd = None
+    if not opts.no_speed:
+        model = os.path.join(opts.out, "runs", f"numberline-seed{seeds[0]}", "final_model")
+        spd = speed(model, os.path.join(opts.out, "runs", "speed"), 16 if opts.quick else 64)
     os.makedirs(opts.out, exist_ok=True)
     curves(results, os.path.join(opts.out, "curves.png"))
-    command = (
-        "python benchmark/bench.py"
-        + (" --quick" if opts.quick else "")
-        + (f" --threads {opts.threads}")
-    )
+    command = " ".join(["python benchmark/bench.py", *(argv if argv is not None else sys.argv[1:])])
+    text = report(
+        results, ablations, spd, command, time.time() - t0, opts.threads,
+        2 if opts.quick else R.Args().eval_episodes, seeds, source,
+        dict(missing=missing, blackjack=black),
+    )  # fmt: skip
     with open(os.path.join(opts.out, "RESULTS.md"), "w") as f:
-        f.write(
-            report(
-                results,
-                ablations,
-                spd,
-                command,
-                time.time() - t0,
-                opts.threads,
-                2 if opts.quick else R.Args().eval_episodes,
-                seeds,
-                source,
-            )
-        )
-    print(
-        f"wrote {opts.out}/RESULTS.md and {opts.out}/curves.png in {(time.time() - t0) / 60:.1f} min"
-    )
+        f.write(text)
+    print(f"wrote {opts.out}/RESULTS.md and curves.png in {(time.time() - t0) / 60:.1f} min")
 
 
 if __name__ == "__main__":
