@@ -60,9 +60,10 @@ def run(out, name, argv, train=True):
 LOADED = {}  # run folder -> (summary, rows): a run shared by two tables is read once
 
 
-def commit():
-    """The commit the figures come from (with '+ local changes' if the tree differs from it)."""
-    git = ["git", "-C", HERE]
+def commit(path):
+    """The commit of the checkout that holds `path` (the runs' code), with '+ local changes' if
+    its tracked files differ from it."""
+    git = ["git", "-C", path if os.path.isdir(path) else HERE]
     head = subprocess.run([*git, "log", "-1", "--format=%h"], capture_output=True, text=True)
     dirty = subprocess.run(
         [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
@@ -383,6 +384,8 @@ def report(results, ablations, spd, command, wall, threads, episodes, seeds, sou
             )
     lines += ["", "![learning curves](curves.png)"]
     for task, variants in ablations.items():
+        if not variants:
+            continue
         lines += [
             "",
             f"## Ablations on {task} (CoT and lambda)",
@@ -407,7 +410,8 @@ def report(results, ablations, spd, command, wall, threads, episodes, seeds, sou
         "0.5} learned, 0.1 / 0.7 / 0.9 stayed flat.",
     ]
     if missing:
-        lines += ["", "Not run (not finished when this report was written): " + ", ".join(missing)]
+        missing = ", ".join(dict.fromkeys(missing))  # a default run sits in two tables
+        lines += ["", f"Not run (not finished when this report was written): {missing}"]
     if spd is None:
         return "\n".join(lines) + "\n"
     lines += [
@@ -459,7 +463,7 @@ def main(argv=None):
     flag("--no-speed", action="store_true", help="leave the speed measurement out of the report")
     opts = parser.parse_args(argv)
     torch.set_num_threads(opts.threads)
-    t0, source, train = time.time(), commit(), not opts.report_only
+    t0, source, train = time.time(), commit(opts.out), not opts.report_only
     tasks, seeds, extra = TASKS, opts.seeds, []
     ablation_seeds = {"numberline": seeds, "ezpoints": opts.ezpoints_ablation_seeds}
     if opts.quick:
