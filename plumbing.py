@@ -327,15 +327,21 @@ def tiny_model(args):
 
 
 def pretrain_tiny(path, steps):
-    """The two stages, in place on the checkpoint at `path`; `steps` of describing (0: none)."""
-    rl = core()
-    processor, vlm = rl.load_model(path, torch.device("cpu"), torch.float32)
-    rng = np.random.default_rng(TINY_PRETRAIN["seed"])
-    torch.manual_seed(TINY_PRETRAIN["seed"])
-    if steps > 0:
-        pretrain_vision(vlm, processor, rng)
-        pretrain_describe(vlm, processor, rng, steps)
-    vlm.save_pretrained(path)
+    """The two stages, in place on the checkpoint at `path`; `steps` of describing (0: none).
+    On one torch thread whatever the machine has: the thread count changes the order of the
+    float sums, and that alone changed what this build learned (results/EXPERIMENTS.md §12)."""
+    rl, threads = core(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        processor, vlm = rl.load_model(path, torch.device("cpu"), torch.float32)
+        rng = np.random.default_rng(TINY_PRETRAIN["seed"])
+        torch.manual_seed(TINY_PRETRAIN["seed"])
+        if steps > 0:
+            pretrain_vision(vlm, processor, rng)
+            pretrain_describe(vlm, processor, rng, steps)
+        vlm.save_pretrained(path)
+    finally:
+        torch.set_num_threads(threads)  # the run itself uses the threads it was given
     return path
 
 

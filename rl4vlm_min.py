@@ -23,9 +23,9 @@ T = P + A, V vocabulary, H hidden size.
 
 Deviations from the paper, each on purpose:
 - The default model is a 0.5M-parameter LLaVA built from a config (word-level tokenizer) so the
-  loop runs on a laptop CPU; its defaults differ from the paper's (lr 1e-4, clip 0.2, grad-norm
-  0.5, 16 envs x 8 steps, all weights train, SFT answers act at random in NumberLine and
-  Blackjack so that RL has the deciding to learn). --preset paper restores §2 of the paper.
+  loop runs on a laptop CPU; its defaults differ from the paper's (lr 1e-4, 3e-4 on NumberLine,
+  clip 0.2, grad-norm 0.5, 16 envs x 8 steps, all weights train, SFT answers act at random in
+  NumberLine and Blackjack so that RL has the deciding to learn). --preset paper restores §2.
 - What a 7B LLaVA brings from its own pretraining, the tiny one gets from a pretraining stage
   built once per machine and cached (plumbing.tiny_model): its vision tower learns the card
   values patch by patch, then the whole model learns to describe frames of all four games. Its

@@ -756,7 +756,21 @@ def test_pretraining_trains_the_tower_and_the_language_model(tmp_path, monkeypat
     monkeypatch.setitem(P.TINY_PRETRAIN, "batch_size", 4)
     path = R.build_tiny_model(str(tmp_path), seed=0)
     _, before = R.load_model(path, torch.device("cpu"), torch.float32)
-    P.pretrain_tiny(path, steps=2)
+    threads_inside, describe = [], P.pretrain_describe
+
+    def spy(*args):
+        threads_inside.append(torch.get_num_threads())
+        return describe(*args)
+
+    monkeypatch.setattr(P, "pretrain_describe", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        P.pretrain_tiny(path, steps=2)
+        # one thread inside, whatever the machine has (the same model everywhere); restored after
+        assert threads_inside == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     _, after = R.load_model(path, torch.device("cpu"), torch.float32)
     moved = {
         name.split(".")[1]
