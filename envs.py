@@ -226,14 +226,19 @@ class PointsEnv(CardEnv):
             "Formula": list(self.formula),
         }
 
+    @classmethod
+    def plan(cls, numbers, formula):
+        """The shortest correct formula that extends `formula` (a token tuple), or None."""
+        ops = tuple(a for a in cls.action_names if a in PRECEDENCE)
+        for sol in solutions(tuple(sorted(numbers)), cls.target, ops):
+            if list(sol[: len(formula)]) == list(formula):
+                return sol
+        return None
+
     def oracle(self):
         """Next token of the shortest correct formula extending the current one; "=" if none."""
-        n = len(self.formula)
-        ops = tuple(a for a in self.action_names if a in PRECEDENCE)
-        for sol in solutions(tuple(sorted(self.numbers())), self.target, ops):
-            if list(sol[:n]) == self.formula:
-                return self.action_names.index(sol[n] if n < len(sol) else "=")
-        return self.action_names.index("=")
+        sol, n = self.plan(self.numbers(), self.formula), len(self.formula)
+        return self.action_names.index(sol[n] if sol and n < len(sol) else "=")
 
     def table(self):
         text = " ".join(self.formula) if self.formula else "(empty)"

@@ -274,7 +274,9 @@ def tiny_corpus():
 #    is drawn in that patch (0 none, 11 face down); the probe is then dropped. Without it the
 #    tower never learned to read four cards (results/EXPERIMENTS.md §1).
 # 2. the whole VLM: the thoughts' read-out of random states of all four games, each with its own
-#    prompt (what the first SFT steps of each task did before).
+#    prompt (what the first SFT steps of each task did before), at a constant lr, then settling:
+#    a sixth as many steps again with the lr falling linearly to 0. Without the settling the model
+#    never read "Current: 0" and NumberLine failed on some seeds (results/EXPERIMENTS.md §12-13).
 # The result is a standard checkpoint in a cache folder named by a hash of everything that
 # determines it: rebuilt when any of that changes, or with --rebuild-tiny.
 TINY_PRETRAIN = dict(seed=0, vision_steps=400, vision_batch=32, batch_size=16, lr=1e-3)
@@ -410,7 +412,10 @@ def pretrain_describe(vlm, processor, rng, steps):
         games[task] = args, cls()
         check = rl.sft_answers(args, cls(), np.random.default_rng(10**6), 50, 0.0, tok, True)
         checks[task] = check, rl.task_prompts(processor, task, [i for _, i, _ in check], True)
-    for step in range(1, steps + 1):
+    total = steps + steps // 6  # then a settling phase: the lr falls linearly to 0
+    for step in range(1, total + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg["lr"] * min(1.0, (total + 1 - step) / (total - steps + 1))
         frames, prompts, answers = [], [], []
         for i in range(cfg["batch_size"]):
             task = list(games)[(step * cfg["batch_size"] + i) % len(games)]
@@ -426,9 +431,9 @@ def pretrain_describe(vlm, processor, rng, steps):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vlm.parameters(), 1.0)
         optimizer.step()
-        if step % 100 == 0 or step == steps:
-            line = f"pretrain describe {step:4d}/{steps} | loss {loss.item():.3f}"
-            if step % 500 == 0 or step == steps:
+        if step % 100 == 0 or step == total:
+            line = f"pretrain describe {step:4d}/{total} | loss {loss.item():.3f}"
+            if step % 500 == 0 or step == total:
                 read = {t: readout_accuracy(policy, games[t][0], *checks[t]) for t in games}
                 line += " | read-out (greedy) " + ", ".join(f"{t} {v:.2f}" for t, v in read.items())
             print(line, flush=True)

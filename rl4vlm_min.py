@@ -23,14 +23,18 @@ T = P + A, V vocabulary, H hidden size.
 
 Deviations from the paper, each on purpose:
 - The default model is a 0.5M-parameter LLaVA built from a config (word-level tokenizer) so the
-  loop runs on a laptop CPU; its defaults differ from the paper's (lr 1e-4, 3e-4 on NumberLine,
-  clip 0.2, grad-norm 0.5, 16 envs x 8 steps, all weights train, SFT answers act at random in
-  NumberLine and Blackjack so that RL has the deciding to learn). --preset paper restores §2.
+  loop runs on a laptop CPU; its defaults differ from the paper's (lr 1e-4, 3e-4 on NumberLine
+  and Blackjack, clip 0.2, grad-norm 0.5, 16 envs x 8 steps, all weights train, SFT answers act
+  at random in NumberLine and Blackjack so that RL has the deciding to learn). --preset paper
+  restores §2.
 - What a 7B LLaVA brings from its own pretraining, the tiny one gets from a pretraining stage
   built once per machine and cached (plumbing.tiny_model): its vision tower learns the card
-  values patch by patch, then the whole model learns to describe frames of all four games. Its
-  chat template puts the image after the text, right before the answer. Blackjack's thoughts
-  name the player's cards before their total (the paper's ask for the total alone).
+  values patch by patch, then the whole model learns to describe frames of all four games (at a
+  constant lr, then a sixth as many steps with the lr falling to 0). Its chat template puts the
+  image after the text, right before the answer.
+- The thoughts end with what the decision turns on, as NumberLine's end with the comparison its
+  prompt asks for: EZPoints' with the formula to write ("what you see and plan"), Blackjack's with
+  whether a hit can bust, after the player's cards and their total (the paper asks for the total).
 - For the tiny model (not in the paper preset): the value head reads the mean of the prompt's
   hidden states, detached, not the last prompt token's; and a KL penalty toward the SFT policy
   (--kl-coef 0.5, exact over the vocabulary, logged as kl_ref) makes PPO's bursts of broken
@@ -144,15 +148,17 @@ class Args:
 # Each game's tuned settings, set before the flags you type (which win): `--task X` alone runs X as
 # tuned. The runs behind every value are in README.md ("Each game's defaults"). sft_oracle_prob:
 # NumberLine and Blackjack start RL from random actions, so RL has all the deciding to learn; the
-# points games need a policy that sometimes finishes a formula, or RL never sees a reward (the
-# paper's SFT: 23% on EZPoints); EZPoints' SFT runs longer so that every seed's does (500 steps
-# left one seed at 0). NumberLine's RL steps are larger: at lr 1e-4 the seeds that learned began
-# to only after 8-12 of their 24 updates. Blackjack is evaluated on 1,000 episodes, as in the paper.
+# points games need a policy that finishes formulas, or RL never sees a reward (the paper's SFT:
+# 23% on EZPoints): with fewer oracle actions EZPoints' action ignored the plan in its thoughts on
+# most deals and RL, sampling at T 0.2, never found the right first number. NumberLine's and
+# Blackjack's RL steps are larger: at lr 1e-4 NumberLine's seeds began to learn only after 8-12 of
+# their 24 updates, and Blackjack stood on every hand. Blackjack is evaluated on 1,000 episodes,
+# as in the paper.
 GAME_DEFAULTS = {
     "numberline": dict(sft_oracle_prob=0.0, learning_rate=3e-4),
-    "ezpoints": dict(sft_oracle_prob=0.3, sft_steps=1000),
+    "ezpoints": dict(sft_oracle_prob=0.6, sft_steps=1000),
     "points24": dict(sft_oracle_prob=0.5),
-    "blackjack": dict(sft_oracle_prob=0.0, eval_episodes=1000),
+    "blackjack": dict(sft_oracle_prob=0.0, learning_rate=3e-4, eval_episodes=1000),
 }
 # §2 of the paper. Steps per update: 512 (NumberLine, Blackjack) or 1024 (points games), in
 # minibatches of 128.
@@ -236,10 +242,16 @@ def thought_text(task, info):
         side = "higher" if info["Target"] > info["Current"] else "lower"
         return f"current is {info['Current']}, target is {info['Target']}, the target is {side}"
     if task in ("ezpoints", "points24"):
-        return "numbers are " + ", ".join(str(n) for n in info["Numbers"])
-    cards = ", ".join(str(envs.label_value(name[:-1])) for name in info["Player Card"])
+        text = "numbers are " + ", ".join(str(n) for n in info["Numbers"])
+        if task == "ezpoints":  # then the plan: the formula to write, from the one so far
+            plan = envs.EZPoints.plan(info["Numbers"], info["Formula"])
+            text += f", {' '.join(plan)} makes 12" if plan else ", nothing makes 12 now"
+        return text
+    values = [envs.label_value(name[:-1]) for name in info["Player Card"]]  # an ace as 1
     total, dealer = info["Player Total"], info["Dealer Total"]
-    return f"my cards are {cards}, my total is {total}, dealer shows {dealer}"  # cards, then sum
+    risk = "can" if sum(values) >= 12 else "cannot"  # a 10 busts a hard 12 or more
+    cards = ", ".join(str(v) for v in values)  # the cards, then their sum, then what a hit risks
+    return f"my cards are {cards}, my total is {total}, dealer shows {dealer}, a hit {risk} bust"
 
 
 def answer_text(task, info, action_name, cot):

@@ -399,6 +399,33 @@ def test_tiny_vocabulary_covers_every_prompt_and_answer(tiny):
                     break
 
 
+def test_thoughts_state_what_the_decision_turns_on():
+    import rl4vlm_min as R
+
+    rng = np.random.default_rng(0)
+    ez, bj = EZPoints(), Blackjack()
+    for seed in range(300):  # EZPoints: the plan's next token is the oracle's action
+        _, info = ez.reset(seed=seed)
+        for _ in range(int(rng.integers(4))):
+            _, _, done, _, info = ez.step(int(rng.integers(len(ez.action_names))))
+            if done:
+                _, info = ez.reset(seed=seed)
+        plan = R.thought_text("ezpoints", info).split(", ")[-1]
+        want = ez.action_names[ez.oracle()]
+        if plan == "nothing makes 12 now":
+            assert want == "="
+        else:
+            tokens = plan.removesuffix(" makes 12").split()
+            n = len(info["Formula"])
+            assert tokens[:n] == info["Formula"] and evaluate(tokens) == 12
+            assert (tokens[n] if n < len(tokens) else "=") == want
+    for seed in range(300):  # Blackjack: "can bust" iff some card would take the hand over 21
+        bj.reset(seed=seed)
+        can = any(envs.hand_total(bj.player + [(r, "S")])[0] > 21 for r in range(1, 14))
+        thought = R.thought_text("blackjack", bj.info())
+        assert thought.endswith("a hit can bust" if can else "a hit cannot bust")
+
+
 def test_prompt_keeps_image_state_out_of_text():
     nl = R.build_prompt("numberline", {"Target": 4, "Current": 1}, NumberLine.action_names, True)
     assert (
