@@ -345,7 +345,8 @@ def report(results, ablations, spd, command, wall, threads, episodes, seeds, sou
         " greedy = argmax decoding. gain: after RL minus SFT only, sampled. read-out: the share of "
         "steps whose thoughts name the state right (sampled), SFT only -> after RL. ev: the "
         "critic's mean explained variance over the second half of the updates. max fmt: the "
-        "largest format-error rate of an update after the second. s: wall seconds of the command.",
+        "largest format-error rate of an update after the second. s: the run's wall seconds "
+        "(train(): loading, SFT, both evaluations and RL; Python's start-up not included).",
         "",
         "| task | seeds | random | oracle | SFT only (sampled / greedy) | after RL (sampled / "
         "greedy) | gain | read-out | ev | max fmt | s | paper: SFT -> RL (LLaVA-1.6-7B) |",
