@@ -273,10 +273,12 @@ def tiny_corpus():
 # 1. the vision tower: a linear probe on every image token learns the value of the card whose rank
 #    is drawn in that patch (0 none, 11 face down); the probe is then dropped. Without it the
 #    tower never learned to read four cards (results/EXPERIMENTS.md §1).
-# 2. the whole VLM: the thoughts' read-out of random states of all four games, each with its own
-#    prompt (what the first SFT steps of each task did before), at a constant lr, then settling:
-#    a sixth as many steps again with the lr falling linearly to 0. Without the settling the model
-#    never read "Current: 0" and NumberLine failed on some seeds (results/EXPERIMENTS.md §12-13).
+# 2. the whole VLM: answers in the games' JSON format to random states of all four games, each
+#    with its own prompt, the thoughts reading the state right and the action uniformly random (a
+#    real VLM knows JSON; taught it first in SFT, the tiny one lost all its reading in SFT's
+#    first 25 steps and relearned Points24's in 1,000 more: results/EXPERIMENTS.md §17), at a
+#    constant lr, then settling: a sixth as many steps again with the lr falling linearly to 0.
+#    Without the settling the model never read "Current: 0" and NumberLine failed on some seeds (results/EXPERIMENTS.md §12-13).
 # The result is a standard checkpoint in a cache folder named by a hash of everything that
 # determines it: rebuilt when any of that changes, or with --rebuild-tiny.
 TINY_PRETRAIN = dict(seed=0, vision_steps=400, vision_batch=32, batch_size=16, lr=1e-3)
@@ -397,7 +399,8 @@ def pretrain_vision(vlm, processor, rng):
 
 
 def pretrain_describe(vlm, processor, rng, steps):
-    """Stage 2: the whole VLM learns the read-out of every game, each batch mixing the four."""
+    """Stage 2: the whole VLM learns to answer every game (read-out right, action random), each
+    batch mixing the four."""
     import types
 
     import envs
@@ -420,7 +423,7 @@ def pretrain_describe(vlm, processor, rng, steps):
         for i in range(cfg["batch_size"]):
             task = list(games)[(step * cfg["batch_size"] + i) % len(games)]
             args, env = games[task]
-            ((frame, info, ids),) = rl.sft_answers(args, env, rng, 1, 0.0, tok, readout_only=True)
+            ((frame, info, ids),) = rl.sft_answers(args, env, rng, 1, 0.0, tok)  # random action
             frames.append(frame)
             prompts += rl.task_prompts(processor, task, [info], True)
             answers.append(ids)
