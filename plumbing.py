@@ -278,7 +278,8 @@ def tiny_corpus():
 #    real VLM knows JSON; taught it first in SFT, the tiny one lost all its reading in SFT's
 #    first 25 steps and relearned Points24's in 1,000 more: results/EXPERIMENTS.md §17), at a
 #    constant lr, then settling: a sixth as many steps again with the lr falling linearly to 0.
-#    Without the settling the model never read "Current: 0" and NumberLine failed on some seeds (results/EXPERIMENTS.md §12-13).
+#    Without the settling the model never read "Current: 0" and NumberLine failed on some seeds
+#    (results/EXPERIMENTS.md §12-13).
 # The result is a standard checkpoint in a cache folder named by a hash of everything that
 # determines it: rebuilt when any of that changes, or with --rebuild-tiny.
 TINY_PRETRAIN = dict(seed=0, vision_steps=400, vision_batch=32, batch_size=16, lr=1e-3)
