@@ -457,6 +457,7 @@ def main(argv=None):
     flag = parser.add_argument
     flag("--quick", action="store_true", help="NumberLine, one seed, short runs (a smoke test)")
     flag("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of the full benchmark")
+    flag("--tasks", nargs="+", default=TASKS, choices=TASKS, help="games of the main table")
     flag(
         "--ezpoints-ablation-seeds",
         type=int,
@@ -475,7 +476,7 @@ def main(argv=None):
     opts = parser.parse_args(argv)
     torch.set_num_threads(opts.threads)
     t0, source, train = time.time(), commit(opts.out), not opts.report_only
-    tasks, seeds, extra = TASKS, opts.seeds, []
+    tasks, seeds, extra = opts.tasks, opts.seeds, []
     ablation_seeds = {"numberline": seeds, "ezpoints": opts.ezpoints_ablation_seeds}
     if opts.quick:
         tasks, seeds, ablation_seeds = ["numberline"], [1], {"numberline": [1]}
