@@ -8,20 +8,18 @@
 Rules follow the paper (Zhai et al. 2024, appendix on gym-cards) and its public package, with the
 package's defects fixed: formulas are checked in exact rational arithmetic with real operator
 validation, a reset never shows the previous episode, and every draw uses the env's seeded
-generator. The frames are drawn by plumbing.py (Pillow only). `python envs.py` writes a contact
-sheet of frames to envs_contact_sheet.png.
+generator. plumbing.py draws the frames (Pillow only) and finds the points games' formulas for
+their oracle. `python envs.py` writes a contact sheet of frames to envs_contact_sheet.png.
 """
 
 import ast
-import functools
-import itertools
 import operator
 from fractions import Fraction
 
 import gymnasium as gym
 import numpy as np
 
-from plumbing import FRAME, card_table, numberline_frame
+from plumbing import FRAME, PRECEDENCE, card_table, numberline_frame, solutions
 
 RANKS = {1: "A", 11: "J", 12: "Q", 13: "K"}  # other ranks print as their number
 SUITS = "SHDC"  # spades, hearts, diamonds, clubs
@@ -115,9 +113,6 @@ class NumberLine(CardEnv):
 
 
 # ---- EZPOINTS / POINTS24: write a formula with the cards' numbers that makes the target ----
-PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
-
-
 def evaluate(tokens):
     """Exact value of a formula (a list of tokens), or None if malformed. Python's parser reads
     it; only numbers and binary + - * / are allowed (so "- 2" and "2 + + 10" are malformed),
@@ -142,35 +137,6 @@ def exact(node):
     if isinstance(node, ast.BinOp) and type(node.op) in OPS:
         return OPS[type(node.op)](exact(node.left), exact(node.right))
     raise ValueError("a formula holds numbers and binary + - * / only")
-
-
-@functools.cache
-def solutions(values, target, ops):
-    """Every formula (token tuple, fewest brackets) using each of `values` once that equals
-    `target`, shortest first."""
-
-    def build(items):  # items: tuple of (tokens, value, precedence); yields full expressions
-        if len(items) == 1:
-            yield items[0]
-            return
-        for i, j in itertools.permutations(range(len(items)), 2):
-            (a, va, pa), (b, vb, pb) = items[i], items[j]
-            rest = tuple(x for k, x in enumerate(items) if k not in (i, j))
-            for op in ops:
-                if op == "/" and vb == 0:
-                    continue
-                p = PRECEDENCE[op]
-                left = ("(", *a, ")") if pa < p else a
-                right = ("(", *b, ")") if pb < p or (pb == p and op in "-/") else b
-                value = {"+": va + vb, "-": va - vb, "*": va * vb, "/": va / vb if vb else 0}[op]
-                yield from build(rest + ((left + (op,) + right, value, p),))
-
-    found = {
-        tokens
-        for tokens, value, _ in build(tuple(((str(v),), Fraction(v), 3) for v in values))
-        if value == target
-    }
-    return sorted(found, key=lambda t: (len(t), t))
 
 
 class PointsEnv(CardEnv):

@@ -1,8 +1,11 @@
 """plumbing.py: what a first reading of rl4vlm_min.py can skip.
 
 rl4vlm_min.py (the algorithm) and envs.py (the games) call these through one-line hooks:
-- the CLI's checks of its values, and every error message that tells the user what to do;
+- the CLI's checks of its values, and every error message that tells the user what to do (a NaN
+  loss, value or gradient included);
 - the tiny model's pretraining (what a real VLM knows before any game), built once and cached;
+- the critic input's standardization (value_input "mean"), fit once as RL starts;
+- SFT's read-out check, and the random and oracle policies' success on the eval seeds;
 - real checkpoints: the per-family bounds on image tokens and the checks of a loaded processor;
 - torchrun data parallelism: starting the workers, averaged gradients, merged metrics, and a check
   that every worker holds the same weights after every update;
@@ -10,14 +13,18 @@ rl4vlm_min.py (the algorithm) and envs.py (the games) call these through one-lin
   states, episodes so far) and restored, the run's own settings read back;
 - one GPU: the memory estimate and --dry-run;
 - the per-update log line, the learning-curve plot, the final model and the summary;
-- drawing the cards (Pillow only, its bundled font) and a contact sheet of frames.
+- the points games' formula search (their oracle); drawing the cards (Pillow only, its bundled
+  font) and a contact sheet of frames.
 """
 
+import ast
 import contextlib
 import copy
 import dataclasses
 import functools
 import hashlib
+import inspect
+import itertools
 import json
 import math
 import os
@@ -26,7 +33,9 @@ import re
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -42,6 +51,15 @@ def fail(message):
     """Bad input: one line that says what to do, exit status 2."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def check_finite(name, tensor, where):
+    """A NaN or inf loss, log-prob, value or gradient norm stops the run with what to do."""
+    if not torch.isfinite(tensor).all():
+        raise FloatingPointError(
+            f"{name} is NaN or inf at {where}: stopping, the last checkpoint is kept; continue "
+            "from it with --resume OUTPUT_DIR and a lower --learning-rate or --max-grad-norm"
+        )
 
 
 def core():
@@ -185,6 +203,24 @@ def readout_accuracy(policy, args, samples, prompts):
     return float(np.mean(hits))
 
 
+def sft_check_set(policy, args):
+    """SFT's 16 held-out states (not the batches it trains on), from their own generator, and
+    their prompts."""
+    import envs
+
+    rl, rng = core(), np.random.default_rng(args.seed + 10**6)
+    check = rl.sft_answers(args, envs.TASKS[args.task](), rng, 16, 0.0, policy.processor.tokenizer)
+    return check, rl.task_prompts(policy.processor, args.task, [i for _, i, _ in check], args.cot)
+
+
+def log_sft_step(policy, args, step, loss, check):
+    """Every 50 SFT steps and at the last: the loss and the greedy read-out on the check set."""
+    if step % 50 == 0 or step == args.sft_steps:
+        readout = readout_accuracy(policy, args, *check)
+        print(f"sft step {step:4d}/{args.sft_steps} | loss {loss:.3f} | "
+              f"read-out (greedy) {readout:.2f}", flush=True)  # fmt: skip
+
+
 def dropout_off(policy):
     """Every dropout to 0 (nn.Dropout and attention dropout): the rollout scores the old log-probs
     in eval mode, the update in train mode, and both must be the same function."""
@@ -290,23 +326,34 @@ def cache_root():
     return os.environ.get("RL4VLM_MIN_CACHE", default)
 
 
-def tiny_model_key(steps):
-    """A hash of what determines the pretrained tiny model: its settings and the source of the
-    code that builds it, draws the frames and writes the prompts and read-outs."""
-    import inspect
+def code_text(obj):
+    """The code of a module, class or function as Python reads it: its syntax tree without
+    docstrings (comments and layout are not in the tree). Editing a comment, rewrapping a line or
+    moving a function to another module leaves it the same; changing what the code does does not."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(obj)))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+            if isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
 
+
+def tiny_model_key(steps):
+    """A hash of what determines the pretrained tiny model: its settings and the code (code_text)
+    that builds it, draws the frames and writes the prompts and read-outs."""
     import envs
 
     rl = core()
-    code = [envs, card_places, card_table, card_image, draw_suit, numberline_frame, tiny_tokenizer,
-            tiny_corpus, pretrain_tiny, pretrain_vision, patch_values, pretrain_describe,
-            rl.build_tiny_model, rl.build_prompt, rl.chat_prompt, rl.thought_text, rl.answer_text,
-            rl.sft_answers, rl.load_model]  # fmt: skip
+    code = [envs, solutions, card_places, card_table, card_image, draw_suit, numberline_frame,
+            tiny_tokenizer, tiny_corpus, pretrain_tiny, pretrain_vision, patch_values,
+            pretrain_describe, rl.build_tiny_model, rl.build_prompt, rl.chat_prompt,
+            rl.thought_text, rl.answer_text, rl.sft_answers, rl.load_model]  # fmt: skip
     code += [rl.Policy.encode_prompts, rl.Policy.score, rl.Policy.hidden_states]
     text = json.dumps(
         [rl.TINY_VISION, TINY_TEMPLATE, TINY_SPLIT, TINY_PRETRAIN, rl.GAME_RULES, steps]
     )
-    text += "".join(inspect.getsource(obj) for obj in code) + transformers.__version__
+    text += "".join(code_text(obj) for obj in code) + transformers.__version__
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -457,6 +504,38 @@ def sampling_config(policy, greedy, max_new_tokens):
         max_new_tokens=max_new_tokens, suppress_tokens=policy.banned or None,
         pad_token_id=policy.pad_id, eos_token_id=policy.eos_id,
     )  # fmt: skip
+
+
+# ---- THE CRITIC'S INPUT (value_input "mean"): standardized with statistics fixed as RL starts ----
+class Standardize(torch.nn.Module):
+    """x -> (x - mean) / std: the value head's first layer (fit_critic_input sets mean and std)."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(size))
+        self.register_buffer("std", torch.ones(size))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def fit_critic_input(policy, args, n=256):
+    """The tiny model's mean prompt features differ between states by about 5% of their size:
+    a value head fit 0.06 of NumberLine's exact state values from them, 1.00 once each feature
+    was standardized (results/EXPERIMENTS.md §8). So the head's first layer standardizes them
+    with their mean and std over n states like SFT's, fixed for the run."""
+    import envs
+
+    rl, tok = core(), policy.processor.tokenizer
+    rng = np.random.default_rng(args.seed + 7)
+    data = rl.sft_answers(args, envs.TASKS[args.task](), rng, n, 0.0, tok, readout_only=True)
+    prompts = rl.task_prompts(policy.processor, args.task, [info for _, info, _ in data], args.cot)
+    parts = [slice(lo, lo + args.micro_batch_size) for lo in range(0, n, args.micro_batch_size)]
+    frames = [frame for frame, _, _ in data]
+    features = torch.cat([policy.features(frames[part], prompts[part]) for part in parts])  # (n, H)
+    policy.value_head[0].mean.copy_(features.mean(0))
+    policy.value_head[0].std.copy_(features.std(0).clamp(min=1e-4))
+    broadcast_weights(policy)  # torchrun: every worker standardizes alike
 
 
 # ---- DATA PARALLEL (torchrun): own envs and seeds per worker, averaged gradients ----
@@ -797,6 +876,27 @@ def save_before(args, before):
             json.dump(before, f)
 
 
+def baseline_success(args):
+    """Success of the random and the oracle policy on the run's eval seeds."""
+    import envs
+
+    out = {}
+    for kind in ("random", "oracle"):
+        rng, wins = np.random.default_rng(args.seed), 0
+        for seed in range(core().EVAL_SEED, core().EVAL_SEED + args.eval_episodes):
+            env = envs.TASKS[args.task]()
+            env.reset(seed=seed)
+            total, done = 0.0, False
+            while not done:
+                n = env.action_space.n
+                action = env.oracle() if kind == "oracle" else int(rng.integers(n))
+                _, reward, terminated, truncated, _ = env.step(action)
+                total, done = total + reward, terminated or truncated
+            wins += total > 0
+        out[kind] = wins / args.eval_episodes
+    return out
+
+
 def print_before(before, baselines):
     if RANK == 0:
         print(
@@ -924,6 +1024,39 @@ def dry_run(policy, args, rng, generator):
         flush=True,
     )
     return dict(rollout_seconds=t1 - t0, update_seconds=t2 - t1, peak_bytes=peak, **stats)
+
+
+# ---- THE POINTS GAMES' ORACLE: every formula that makes the target, for envs.PointsEnv.plan ----
+PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
+
+
+@functools.cache
+def solutions(values, target, ops):
+    """Every formula (token tuple, fewest brackets) using each of `values` once that equals
+    `target`, shortest first."""
+
+    def build(items):  # items: tuple of (tokens, value, precedence); yields full expressions
+        if len(items) == 1:
+            yield items[0]
+            return
+        for i, j in itertools.permutations(range(len(items)), 2):
+            (a, va, pa), (b, vb, pb) = items[i], items[j]
+            rest = tuple(x for k, x in enumerate(items) if k not in (i, j))
+            for op in ops:
+                if op == "/" and vb == 0:
+                    continue
+                p = PRECEDENCE[op]
+                left = ("(", *a, ")") if pa < p else a
+                right = ("(", *b, ")") if pb < p or (pb == p and op in "-/") else b
+                value = {"+": va + vb, "-": va - vb, "*": va * vb, "/": va / vb if vb else 0}[op]
+                yield from build(rest + ((left + (op,) + right, value, p),))
+
+    found = {
+        tokens
+        for tokens, value, _ in build(tuple(((str(v),), Fraction(v), 3) for v in values))
+        if value == target
+    }
+    return sorted(found, key=lambda t: (len(t), t))
 
 
 # ---- DRAWING THE CARDS: each card drawn once (cached); frames paste cached cards ----

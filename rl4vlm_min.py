@@ -15,38 +15,34 @@ start (SFT) on answers written from an oracle, as in the paper.
 
 This file is the lecture: config, prompts, parser, model, rollout, GAE, PPO, SFT, evaluation,
 train(). plumbing.py holds what a first reading skips, called through one-line hooks: the tiny
-model's cached pretraining, exact resume, torchrun's gradient averaging, the memory estimate and
---dry-run, checks of real checkpoints, the log line, the plot and the summary, drawing the cards.
+model's cached pretraining, the critic input's standardization, exact resume, torchrun's gradient
+averaging, the memory estimate and --dry-run, checks of real checkpoints and of NaNs, SFT's
+read-out check, the random and oracle baselines, the log line, the plot and the summary, drawing
+the cards and the points games' formula search.
 
 Shapes: N envs, S steps per env per update, B batch (samples), P prompt tokens, A answer tokens,
 T = P + A, V vocabulary, H hidden size.
 
-Deviations from the paper, each on purpose:
+Deviations from the paper, each on purpose (the runs behind them: results/EXPERIMENTS.md):
 - The default model is a 0.5M-parameter LLaVA built from a config (word-level tokenizer) so the
-  loop runs on a laptop CPU; its defaults differ from the paper's (lr 1e-4, 3e-4 on NumberLine
-  and Blackjack, clip 0.2, grad-norm 0.5, 16 envs x 8 steps, all weights train, SFT answers act
-  at random in NumberLine and Blackjack so that RL has the deciding to learn). --preset paper
-  restores §2.
-- What a 7B LLaVA brings from its own pretraining, the tiny one gets from a pretraining stage
-  built once per machine and cached (plumbing.tiny_model): its vision tower learns the card
-  values patch by patch, then the whole model learns to answer all four games in their JSON
-  format, the thoughts reading the frame right and the action at random (at a constant lr, then
-  a sixth as many steps with the lr falling to 0). Its chat template puts the image after the
-  text, right before the answer.
-- The thoughts end with what the decision turns on, as NumberLine's end with the comparison its
-  prompt asks for: EZPoints' with the formula to write ("what you see and plan"), Blackjack's with
-  whether a hit can bust, after the player's cards and their total (the paper asks for the total).
-- For the tiny model (not in the paper preset): the value head reads the mean of the prompt's
-  hidden states, detached, not the last prompt token's; and a KL penalty toward the SFT policy
-  (--kl-coef 0.5, exact over the vocabulary, logged as kl_ref) makes PPO's bursts of broken
-  answers rarer and shorter (results/EXPERIMENTS.md).
-- The VLM's gradient and the value head's are clipped to --max-grad-norm apart (one global clip let
-  the value loss's larger gradient shrink every policy step; results/EXPERIMENTS.md §9).
+  loop runs on a laptop CPU, with its own defaults (lr 1e-4 or 3e-4, clip 0.2, grad-norm 0.5, 16
+  envs x 8 steps, all weights train, SFT answers at random in NumberLine and Blackjack so that RL
+  has the deciding to learn). --preset paper restores §2.
+- What a 7B LLaVA brings from its own pretraining, the tiny one gets from a pretraining stage built
+  once per machine and cached (plumbing.tiny_model): its tower learns the card values patch by
+  patch, then the whole model answers all four games in their JSON format, the thoughts reading
+  the frame right and the action at random. Its chat template puts the image after the text.
+- The thoughts end with what the decision turns on: EZPoints' with the formula to write,
+  Blackjack's with whether a hit can bust, after the cards and their total (the paper: the total).
+- For the tiny model (not in --preset paper): the value head reads the mean of the prompt's
+  hidden states, detached and standardized, not the last prompt token's; and a KL penalty toward
+  the SFT policy (--kl-coef 0.5, exact over the vocabulary, logged as kl_ref) makes PPO's bursts
+  of broken answers rarer and shorter.
+- The VLM's gradient and the value head's are clipped to --max-grad-norm apart.
 - Truncation (NumberLine's 10 moves, the points games' formula cap) is a loss under these games'
   rules, so it ends the episode like a termination: nothing bootstraps.
-- RL runs with dropout off (LoRA dropout acts in SFT only), so the rollout and the update score
-  with one function and the first minibatch's ratio is exactly 1 (the official code sampled with
-  dropout on). generate() takes every sampling setting from the run, none from the checkpoint.
+- RL runs with dropout off (the official code sampled with it on), so the rollout and the update
+  score with one function and the first minibatch's ratio is exactly 1.
 - The official code's defects are not repeated: the thought/action split comes from character
   offsets (not hard-coded token ids), every sample is re-scored with its own prompt, prompts are
   batched with left padding, and checkpoints and evaluation exist.
@@ -147,14 +143,10 @@ class Args:
 
 
 # Each game's tuned settings, set before the flags you type (which win): `--task X` alone runs X as
-# tuned. The runs behind every value are in README.md ("Each game's defaults"). sft_oracle_prob:
-# NumberLine and Blackjack start RL from random actions, so RL has all the deciding to learn; the
-# points games need a policy that finishes formulas, or RL never sees a reward (the paper's SFT:
-# 23% on EZPoints): with fewer oracle actions EZPoints' action ignored the plan in its thoughts on
-# most deals and RL, sampling at T 0.2, never found the right first number. NumberLine's and
-# Blackjack's RL steps are larger: at lr 1e-4 NumberLine's seeds began to learn only after 8-12 of
-# their 24 updates, and Blackjack stood on every hand. Blackjack is evaluated on 1,000 episodes,
-# as in the paper.
+# tuned (the runs behind each value: README.md, "Each game's defaults"). NumberLine and Blackjack
+# start RL from random actions, so RL has all the deciding to learn; the points games need an SFT
+# policy that finishes formulas, or RL never sees a reward (the paper's SFT: 23% on EZPoints).
+# Blackjack is evaluated on 1,000 episodes, as in the paper.
 GAME_DEFAULTS = {
     "numberline": dict(sft_oracle_prob=0.0, learning_rate=3e-4),
     "ezpoints": dict(sft_oracle_prob=0.6, sft_steps=1000),
@@ -385,18 +377,6 @@ def add_lora(vlm, rank, alpha, dropout, targets):
     return len(names)
 
 
-class Standardize(nn.Module):
-    """x -> (x - mean) / std, with statistics fixed as RL starts (fit_critic_input)."""
-
-    def __init__(self, size):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(size))
-        self.register_buffer("std", torch.ones(size))
-
-    def forward(self, x):
-        return (x - self.mean) / self.std
-
-
 class Policy(nn.Module):
     """The VLM (actor) plus a value head (critic) on the VLM's final hidden states of the prompt."""
 
@@ -410,7 +390,7 @@ class Policy(nn.Module):
         device = vlm.get_output_embeddings().weight.device
         # the paper's MLP, kept in fp32 whatever the VLM's dtype
         self.value_head = nn.Sequential(
-            Standardize(hidden), nn.Linear(hidden, 1024), nn.ReLU(), nn.Linear(1024, 512),
+            plumbing.Standardize(hidden), nn.Linear(hidden, 1024), nn.ReLU(), nn.Linear(1024, 512),
             nn.ReLU(), nn.Linear(512, 1),
         ).to(device)  # fmt: skip
         tok = processor.tokenizer
@@ -575,8 +555,8 @@ def rollout(policy, vec, args, rng, episodes, update=0):
         with torch.no_grad():
             logprob, value, _, _ = policy.score(vec["obs"], prompts, answers, weights)
         where = f"update {update}, rollout step {t}"
-        check_finite("the rollout log-probability", logprob, where)
-        check_finite("the rollout value", value, where)
+        plumbing.check_finite("the rollout log-probability", logprob, where)
+        plumbing.check_finite("the rollout value", value, where)
         logprobs[t], values[t] = logprob.cpu(), value.cpu()
         parse_fails += parsed.count(False)
         readouts += sum(thought_text(args.task, i) in s for i, s in zip(vec["infos"], texts))
@@ -621,14 +601,6 @@ def compute_gae(rewards, values, dones, next_value, gamma, gae_lambda):
 
 
 # ---- PPO UPDATE: clipped surrogate, clipped value loss, KL to the SFT policy, minibatches ----
-def check_finite(name, tensor, where):
-    if not torch.isfinite(tensor).all():
-        raise FloatingPointError(
-            f"{name} is NaN or inf at {where}: stopping, the last checkpoint is kept; continue "
-            "from it with --resume OUTPUT_DIR and a lower --learning-rate or --max-grad-norm"
-        )
-
-
 def reference_kl(logp, ref_logp, lengths):
     """KL(pi || pi_ref) over the whole vocabulary at every answer position, averaged over each
     answer's tokens, then over the batch. logp, ref_logp: (B, A, V). Exact, not a sampled
@@ -672,8 +644,8 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
                     frames, prompts, answers, weights
                 )
                 newlogprob, newvalue, entropy = newlogprob.cpu(), newvalue.cpu(), entropy.cpu()
-                check_finite("the log-probability", newlogprob, where)
-                check_finite("the value", newvalue, where)
+                plumbing.check_finite("the log-probability", newlogprob, where)
+                plumbing.check_finite("the value", newvalue, where)
                 logratio = newlogprob - b_logprobs[inds]
                 ratio = logratio.exp()
                 if first_ratio is None:  # == 1 by construction: same scoring path, same weights
@@ -692,14 +664,12 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
                 v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
                 kl_ref = torch.zeros(())
                 if policy.reference is not None:  # --kl-coef: stay near the SFT policy
-                    with torch.no_grad():
-                        ref_logp = policy.score(frames, prompts, answers, weights, reference=True)[
-                            3
-                        ]
-                    kl_ref = reference_kl(newlogp, ref_logp, [len(a) for a in answers]).cpu()
+                    with torch.no_grad():  # ref[3]: the SFT policy's next-token log-probs
+                        ref = policy.score(frames, prompts, answers, weights, reference=True)
+                    kl_ref = reference_kl(newlogp, ref[3], [len(a) for a in answers]).cpu()
                 loss = pg_loss - args.ent_coef * entropy.mean() + args.vf_coef * v_loss
                 loss = loss + args.kl_coef * kl_ref
-                check_finite("the PPO loss", loss, where)
+                plumbing.check_finite("the PPO loss", loss, where)
                 (loss * len(inds) / len(mb_inds)).backward()
                 for key, val in zip(keys, (pg_loss, v_loss, entropy.mean(), kl_ref)):
                     stats[key].append(val.item())
@@ -708,7 +678,7 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
             # policy's step (at NumberLine's RL start: norm 4.2 on the value head, 1.7 on the VLM)
             grad_norm = nn.utils.clip_grad_norm_(actor, args.max_grad_norm)
             nn.utils.clip_grad_norm_(critic, args.max_grad_norm)
-            check_finite("the gradient norm", grad_norm, where)
+            plumbing.check_finite("the gradient norm", grad_norm, where)
             stats["grad_norm"].append(grad_norm.item())
             optimizer.step()
     y_pred, y_true = b_values.numpy(), b_returns.numpy()
@@ -750,9 +720,7 @@ def sft_warm_start(policy, args, rng):
     env, tok = envs.TASKS[args.task](), policy.processor.tokenizer
     params = set_trainable(policy, args, "sft")
     optimizer = torch.optim.Adam(params, lr=args.sft_lr)
-    # 16 states for the read-out check (not the batch just trained on), from their own generator
-    check = sft_answers(args, env, np.random.default_rng(args.seed + 10**6), 16, 0.0, tok)
-    check_prompts = task_prompts(policy.processor, args.task, [i for _, i, _ in check], args.cot)
+    check = plumbing.sft_check_set(policy, args)  # held-out states: can the model see yet?
     policy.train()
     for step in range(1, args.sft_steps + 1):
         # the pretrained tiny model reads already: read-out steps first help an untrained one only
@@ -768,16 +736,13 @@ def sft_warm_start(policy, args, rng):
             frames, ones = [f for f, _, _ in data[part]], [[1.0] * len(a) for a in answers[part]]
             logprob = policy.score(frames, prompts[part], answers[part], ones, temperature=1.0)[0]
             part_loss = -logprob.sum() / n_tokens  # mean cross-entropy per answer token
-            check_finite("the SFT loss", part_loss, f"SFT step {step}")
+            plumbing.check_finite("the SFT loss", part_loss, f"SFT step {step}")
             part_loss.backward()
             loss += part_loss.item()
         plumbing.average_gradients(params)
         nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        if step % 50 == 0 or step == args.sft_steps:  # read-out accuracy: can the model see yet?
-            readout = plumbing.readout_accuracy(policy, args, check, check_prompts)
-            print(f"sft step {step:4d}/{args.sft_steps} | loss {loss:.3f} | "
-                  f"read-out (greedy) {readout:.2f}", flush=True)  # fmt: skip
+        plumbing.log_sft_step(policy, args, step, loss, check)  # every 50 steps: loss, read-out
 
 
 # ---- EVALUATION: fixed seeds disjoint from training; success = summed reward > 0 (the paper) ----
@@ -807,24 +772,6 @@ def evaluate(policy, args, greedy, rng):
         success=float(np.mean([r > 0 for r in returns])), mean_return=float(np.mean(returns)),
         format_error_rate=fails / steps, readout_acc=readouts / steps,
     )  # fmt: skip
-
-
-KINDS = ("random", "oracle")
-
-
-def baseline_success(task, episodes, kind, seed):
-    """The random and oracle policies on the same eval seeds."""
-    rng, wins = np.random.default_rng(seed), 0
-    for s in range(EVAL_SEED, EVAL_SEED + episodes):
-        env = envs.TASKS[task]()
-        env.reset(seed=s)
-        total, done = 0.0, False
-        while not done:
-            action = env.oracle() if kind == "oracle" else int(rng.integers(env.action_space.n))
-            _, reward, terminated, truncated, _ = env.step(action)
-            total, done = total + reward, terminated or truncated
-        wins += total > 0
-    return wins / episodes
 
 
 # ---- TRAIN: SFT warm start, evaluate, PPO, evaluate again ----
@@ -873,26 +820,10 @@ def start_rl(policy, args):
     starts: the SFT policy) if --kl-coef > 0, and the optimizer."""
     params = set_trainable(policy, args, "rl")
     if args.value_input == "mean":
-        fit_critic_input(policy, args)
+        plumbing.fit_critic_input(policy, args)  # the head standardizes its input
     if args.kl_coef > 0 and policy.reference is None:
         policy.reference = copy.deepcopy(policy.vlm).requires_grad_(False)
     return torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
-
-
-def fit_critic_input(policy, args, n=256):
-    """The tiny model's mean prompt features differ between states by about 5% of their size:
-    a value head fit 0.06 of NumberLine's exact state values from them, 1.00 once each feature
-    was standardized (results/EXPERIMENTS.md §8). So the head's first layer standardizes them
-    with their mean and std over n states like SFT's, fixed for the run."""
-    data = sft_answers(args, envs.TASKS[args.task](), np.random.default_rng(args.seed + 7), n,
-                       0.0, policy.processor.tokenizer, readout_only=True)  # fmt: skip
-    prompts = task_prompts(policy.processor, args.task, [info for _, info, _ in data], args.cot)
-    parts = [slice(lo, lo + args.micro_batch_size) for lo in range(0, n, args.micro_batch_size)]
-    frames = [frame for frame, _, _ in data]
-    features = torch.cat([policy.features(frames[part], prompts[part]) for part in parts])  # (n, H)
-    policy.value_head[0].mean.copy_(features.mean(0))
-    policy.value_head[0].std.copy_(features.std(0).clamp(min=1e-4))
-    plumbing.broadcast_weights(policy)  # torchrun: every worker standardizes alike
 
 
 def ppo_loop(policy, optimizer, args, rng, generator):
@@ -942,7 +873,7 @@ def train(args):
         if RANK == 0:  # rank 0 alone evaluates; the others wait for it at the next exchange
             before = {m: evaluate(policy, args, m == "greedy", rng) for m in ("sampled", "greedy")}
         plumbing.save_before(args, before)
-    baselines = {k: baseline_success(args.task, args.eval_episodes, k, args.seed) for k in KINDS}
+    baselines = plumbing.baseline_success(args)  # the random and oracle policies
     plumbing.print_before(before, baselines)
     optimizer = start_rl(policy, args)
     plumbing.print_memory(policy, args, "RL")

@@ -846,6 +846,32 @@ def test_tiny_model_key_covers_every_setting_that_shapes_the_model(monkeypatch):
     assert P.tiny_model_key(3000) == key
 
 
+def _plus_one(x):
+    """A docstring."""
+    return x + 1  # a comment
+
+
+def _plus_one_rewritten(x):
+    # another comment, another layout, no docstring
+    return (
+        x + 1
+    )  # fmt: skip
+
+
+def _plus_two(x):
+    """A docstring."""
+    return x + 2  # a comment
+
+
+def test_tiny_model_key_reads_the_code_not_its_comments():
+    """The key hashes each function's syntax tree without docstrings: a comment, a docstring or a
+    layout edited keeps the cached model; a change of what the code does makes a new one."""
+    text = lambda f: P.code_text(f).replace(f.__name__, "f")  # noqa: E731
+    assert text(_plus_one) == text(_plus_one_rewritten)
+    assert text(_plus_one) != text(_plus_two)
+    assert "A docstring" not in P.code_text(_plus_one)
+
+
 def test_kl_to_the_reference_is_zero_until_the_policy_moves(tiny, tmp_path):
     """--kl-coef: the reference is a frozen copy of the policy at RL start, so kl_ref is exactly 0 on the first
     minibatch, > 0 once the policy has taken a step, and the reference itself never changes."""
