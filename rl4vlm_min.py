@@ -388,7 +388,8 @@ class Policy(nn.Module):
         self.reference = None  # a frozen copy of the VLM as RL starts, if --kl-coef > 0
         hidden = vlm.config.get_text_config().hidden_size
         device = vlm.get_output_embeddings().weight.device
-        # the paper's MLP, kept in fp32 whatever the VLM's dtype
+        # the paper's MLP, in fp32 whatever the VLM's dtype, after a layer that standardizes its
+        # input with statistics fit as RL starts (plumbing.fit_critic_input)
         self.value_head = nn.Sequential(
             plumbing.Standardize(hidden), nn.Linear(hidden, 1024), nn.ReLU(), nn.Linear(1024, 512),
             nn.ReLU(), nn.Linear(512, 1),
