@@ -86,6 +86,7 @@ def check_args(args):
         ),
         (args.temperature > 0, "--temperature must be > 0"),
         (args.kl_coef >= 0, "--kl-coef must be >= 0"),
+        (0 <= args.adam_beta2 < 1, "--adam-beta2 must be in [0, 1)"),
         (0 <= args.thought_coef <= 1, "--thought-coef must be in [0, 1]"),
         (0 <= args.sft_oracle_prob <= 1, "--sft-oracle-prob must be in [0, 1]"),
         (min(args.lora_rank, args.sft_steps) >= 0, "--lora-rank, --sft-steps must be >= 0"),

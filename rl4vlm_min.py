@@ -36,8 +36,8 @@ Deviations from the paper, each on purpose (the runs behind them: results/EXPERI
   Blackjack's with whether a hit can bust, after the cards and their total (the paper: the total).
 - For the tiny model (not in --preset paper): the value head reads the mean of the prompt's
   hidden states, detached and standardized, not the last prompt token's; and a KL penalty toward
-  the SFT policy (--kl-coef 0.5, exact over the vocabulary, logged as kl_ref) makes PPO's bursts
-  of broken answers rarer and shorter.
+  the SFT policy (--kl-coef 0.5, exact over the vocabulary, logged as kl_ref) and Adam's beta2
+  0.99, not 0.999 (--adam-beta2), keep PPO from bursts of broken answers.
 - The VLM's gradient and the value head's are clipped to --max-grad-norm apart.
 - Truncation (NumberLine's 10 moves, the points games' formula cap) is a loss under these games'
   rules, so it ends the episode like a termination: nothing bootstraps.
@@ -108,6 +108,7 @@ class Args:
     kl_coef: float = arg(0.5, "KL(policy || SFT policy) per answer token (0: off, the paper)")
     vf_coef: float = arg(0.5, "value-loss coefficient")
     max_grad_norm: float = arg(0.5, "global gradient-norm clip")
+    adam_beta2: float = arg(0.99, "Adam's second-moment decay in RL (torch and the paper: 0.999)")
     # model
     value_input: Literal["mean", "last"] = arg(
         "mean", "value head input: the prompt's mean hidden state, or its last token's (paper)"
@@ -160,7 +161,7 @@ PAPER_PRESET = dict(
     update_epochs=4, max_grad_norm=0.01, learning_rate=1e-5, lora_rank=128, lora_alpha=256.0,
     lora_dropout=0.05, lora_targets="all-linear", micro_batch_size=4, max_new_tokens=256,
     total_steps=15000, num_envs=4, ent_coef=0.0, lora_in_sft=True, gradient_checkpointing=True,
-    value_input="last", kl_coef=0.0,
+    value_input="last", kl_coef=0.0, adam_beta2=0.999,
 )  # fmt: skip
 
 
@@ -824,7 +825,12 @@ def start_rl(policy, args):
         plumbing.fit_critic_input(policy, args)  # the head standardizes its input
     if args.kl_coef > 0 and policy.reference is None:
         policy.reference = copy.deepcopy(policy.vlm).requires_grad_(False)
-    return torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
+    # Adam divides each step by a running RMS of past gradients. With beta2 0.999 that RMS forgets
+    # over ~1,000 steps, so after quiet updates a sudden large gradient moves a weight up to
+    # 0.1 / sqrt(0.001) = 3.2 learning rates at once; with 0.99 at most 1 (a lagging RMS let
+    # NumberLine's broken-answer bursts start: results/EXPERIMENTS.md §20).
+    betas = (0.9, args.adam_beta2)
+    return torch.optim.Adam(params, lr=args.learning_rate, betas=betas, eps=1e-5)
 
 
 def ppo_loop(policy, optimizer, args, rng, generator):
