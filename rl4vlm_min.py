@@ -826,9 +826,9 @@ def start_rl(policy, args):
     if args.kl_coef > 0 and policy.reference is None:
         policy.reference = copy.deepcopy(policy.vlm).requires_grad_(False)
     # Adam divides each step by a running RMS of past gradients. With beta2 0.999 that RMS forgets
-    # over ~1,000 steps, so after quiet updates a sudden large gradient moves a weight up to
-    # 0.1 / sqrt(0.001) = 3.2 learning rates at once; with 0.99 at most 1 (a lagging RMS let
-    # NumberLine's broken-answer bursts start: results/EXPERIMENTS.md §20).
+    # over ~1,000 steps, so after quiet updates a sudden large gradient moves a weight by
+    # 0.1 / sqrt(0.001) = 3.2 learning rates in one step; with 0.99 by 1 (a lagging RMS let
+    # NumberLine's broken-answer bursts start: results/EXPERIMENTS.md §19-20).
     betas = (0.9, args.adam_beta2)
     return torch.optim.Adam(params, lr=args.learning_rate, betas=betas, eps=1e-5)
 

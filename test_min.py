@@ -686,6 +686,7 @@ def test_notebook_order_trains_what_the_cli_trains(tmp_path):
             R.sft_warm_start(policy, args, rng)
         sft = sum(p.numel() for p in policy.vlm.parameters() if p.requires_grad) if k == 0 else None
         optimizer = R.start_rl(policy, args)
+        assert optimizer.param_groups[0]["betas"] == (0.9, 0.999)  # the paper's (torch's) Adam
         n_lora = sum(isinstance(m, R.LoRALinear) for m in policy.modules())
         counts.append((n_lora, sum(p.numel() for g in optimizer.param_groups for p in g["params"])))
         assert k == 1 or sft < 0.5 * sum(p.numel() for p in policy.vlm.parameters())
@@ -888,6 +889,7 @@ def test_kl_to_the_reference_is_zero_until_the_policy_moves(tiny, tmp_path):
     )
     policy = fresh_policy(tiny)
     optimizer = R.start_rl(policy, args)
+    assert optimizer.param_groups[0]["betas"] == (0.9, 0.99)  # --adam-beta2, the tiny default
     frozen = {k: v.clone() for k, v in policy.reference.state_dict().items()}
     data, adv, ret = one_rollout(policy, args, np.random.default_rng(0))
     first = R.ppo_update(
@@ -1044,6 +1046,7 @@ def test_each_game_default_configuration_completes(task, tmp_path):
         (["--learning-rate", "-1"], "learning rate"),
         (["--num-steps", "0"], "num-steps"),
         (["--num-minibatches", "200"], "num-minibatches"),
+        (["--adam-beta2", "1"], "adam-beta2"),
         (["--model", "/no/such/model", "--sft-steps", "0"], "cannot load"),
         (["--output-dir", "/proc/no/such/dir"], "cannot write"),
         (["--resume", "/no/such/run"], "holds no checkpoint"),
