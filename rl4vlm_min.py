@@ -37,7 +37,9 @@ Deviations from the paper, each on purpose (the runs behind them: results/EXPERI
 - For the tiny model (not in --preset paper): the value head reads the mean of the prompt's
   hidden states, detached and standardized, not the last prompt token's; and a KL penalty toward
   the SFT policy (--kl-coef 0.5, exact over the vocabulary, logged as kl_ref) and Adam's beta2
-  0.99, not 0.999 (--adam-beta2), make PPO's bursts of broken answers rarer (Points24's remain).
+  0.99, not 0.999 (--adam-beta2), make PPO's bursts of broken answers rarer.
+- Points24 is not discounted (gamma 1, not 0.9; --preset paper keeps 0.9): discounted, a policy
+  that stalls in long formulas beats one that presses "=" (GAME_DEFAULTS says why).
 - The VLM's gradient and the value head's are clipped to --max-grad-norm apart.
 - Truncation (NumberLine's 10 moves, the points games' formula cap) is a loss under these games'
   rules, so it ends the episode like a termination: nothing bootstraps.

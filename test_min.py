@@ -1005,6 +1005,19 @@ def test_cli_end_to_end_and_deterministic(tmp_path):
     assert runs[0] == runs[1]
 
 
+def test_game_defaults_then_paper_preset_then_typed_flags():
+    """--task X sets X's row of GAME_DEFAULTS, --preset paper then the paper's values, and a typed
+    flag wins over both (Points24's gamma: 1.0 of its own, 0.9 the paper's and the other games')."""
+    for task, row in R.GAME_DEFAULTS.items():
+        args = R.parse_args(["--task", task])
+        assert {key: getattr(args, key) for key in row} == row
+    assert R.parse_args(["--task", "points24"]).gamma == 1.0
+    assert R.parse_args(["--task", "numberline"]).gamma == 0.9
+    assert R.parse_args(["--task", "points24", "--preset", "paper"]).gamma == 0.9
+    assert R.parse_args(["--task", "points24", "--gamma", "0.95"]).gamma == 0.95
+    assert R.parse_args(["--task", "points24", "--preset", "paper", "--gamma=1"]).gamma == 1.0
+
+
 @pytest.mark.parametrize("task", envs.TASKS)
 def test_each_game_default_configuration_completes(task, tmp_path):
     """Each game's default settings (SFT oracle share, critic input, KL reference) on a tiny schedule."""
