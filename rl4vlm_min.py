@@ -14,11 +14,11 @@ start (SFT) on answers written from an oracle, as in the paper.
     torchrun --nproc_per_node K rl4vlm_min.py ...        # data-parallel on K GPUs or processes
 
 This file is the lecture: config, prompts, parser, model, rollout, GAE, PPO, SFT, evaluation,
-train(). plumbing.py holds what a first reading skips, called through one-line hooks: the tiny
-model's cached pretraining, the critic input's standardization, exact resume, torchrun's gradient
-averaging, the memory estimate and --dry-run, checks of real checkpoints and of NaNs, SFT's
-read-out check, the random and oracle baselines, the log line, the plot and the summary, drawing
-the cards and the points games' formula search.
+train(). plumbing.py holds what a first reading skips, called through one-line hooks: how the
+tiny model is built and its cached pretraining, the critic input's standardization, exact resume,
+torchrun's gradient averaging, the memory estimate and --dry-run, checks of real checkpoints and
+of NaNs, SFT's read-out check, the random and oracle baselines, the log line, the plot and the
+summary, drawing the cards and the points games' formula search.
 
 Shapes: N envs, S steps per env per update, B batch (samples), P prompt tokens, A answer tokens,
 T = P + A, V vocabulary, H hidden size.
@@ -286,47 +286,7 @@ def parse_action(text, action_names, rng=None):
     return int(rng.integers(len(action_names))), False
 
 
-# ---- MODEL: the embedded tiny LLaVA, loading, LoRA, value head, the one scoring function ----
-TINY_VISION = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    image_size=128, patch_size=16,
-)  # fmt: skip
-
-
-def build_tiny_model(path, seed):
-    """A 0.5M-parameter LLaVA (CLIP-style tower + Llama-style LM) with a word-level tokenizer,
-    saved to `path` with save_pretrained and so loaded exactly like a real checkpoint."""
-    tokenizer = plumbing.tiny_tokenizer()  # a vocabulary of every word the prompts and answers use
-    # White maps to 0 (mean 1, std 0.5): with CLIP's mean/std the white background dominates
-    # every patch and the tiny tower cannot tell the digits apart (measured while building it).
-    px, patch = TINY_VISION["image_size"], TINY_VISION["patch_size"]
-    image_processor = transformers.CLIPImageProcessor(
-        size={"shortest_edge": px}, crop_size={"height": px, "width": px},
-        image_mean=[1.0] * 3, image_std=[0.5] * 3,
-    )  # fmt: skip
-    processor = transformers.LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=plumbing.TINY_TEMPLATE,
-    )  # fmt: skip
-    text_config = transformers.LlamaConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=1024,
-        pad_token_id=0, bos_token_id=2, eos_token_id=3,
-    )  # fmt: skip
-    config = transformers.LlavaConfig(
-        vision_config=transformers.CLIPVisionConfig(**TINY_VISION), text_config=text_config,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    model = transformers.LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 3
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
+# ---- MODEL: loading (the tiny LLaVA or a real one), LoRA, value head, one scoring function ----
 def load_model(name, device, dtype, trust_remote_code=False):
     """The same Auto* calls for the tiny model and for real checkpoints."""
     remote = dict(trust_remote_code=trust_remote_code)
@@ -437,11 +397,10 @@ class Policy(nn.Module):
         weights = [self.thought_coef] * len(answer_ids)
         if start < 0:
             return weights  # no action key: the action was random, only thoughts were written
-        lo, hi = 0, len(answer_ids) - 1  # binary search: first token whose prefix passes `start`
-        while lo < hi:
-            mid = (lo + hi) // 2
-            lo, hi = (mid + 1, hi) if len(decode(answer_ids[: mid + 1])) <= start else (lo, mid)
-        return weights[:lo] + [1.0] * (len(answer_ids) - lo)
+        n = 0  # the first token whose decoded prefix reaches past `start`
+        while len(decode(answer_ids[: n + 1])) <= start:
+            n += 1
+        return weights[:n] + [1.0] * (len(answer_ids) - n)
 
     def score(self, frames, prompts, answers, weights, temperature=None, reference=False):
         """The one scoring function (rollout, PPO update and SFT). Returns
@@ -641,9 +600,8 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
         for mb_inds in b_inds.tensor_split(args.num_minibatches):
             mb_advantages = b_advantages[mb_inds]
             if len(mb_inds) > 1:  # per-minibatch normalisation (a minibatch of 1 has no spread)
-                mb_advantages = (mb_advantages - mb_advantages.mean()) / (
-                    mb_advantages.std() + 1e-8
-                )
+                std = mb_advantages.std() + 1e-8
+                mb_advantages = (mb_advantages - mb_advantages.mean()) / std
             optimizer.zero_grad()
             micro = args.micro_batch_size  # gradient accumulation over micro-batches
             for inds, adv in zip(mb_inds.split(micro), mb_advantages.split(micro)):
@@ -662,9 +620,8 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
                     first_ratio = ratio.detach()
                 with torch.no_grad():
                     stats["approx_kl"].append(((ratio - 1) - logratio).mean().item())  # k3
-                    stats["clipfrac"].append(
-                        ((ratio - 1.0).abs() > args.clip_coef).float().mean().item()
-                    )
+                    clipped = (ratio - 1.0).abs() > args.clip_coef
+                    stats["clipfrac"].append(clipped.float().mean().item())
                 pg_loss1 = -adv * ratio
                 pg_loss2 = -adv * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
                 pg_loss = torch.max(pg_loss1, pg_loss2).mean()
@@ -691,12 +648,12 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
             plumbing.check_finite("the gradient norm", grad_norm, where)
             stats["grad_norm"].append(grad_norm.item())
             optimizer.step()
+    out = {k: float(np.mean(v)) for k, v in stats.items()}
+    # explained_var: 1 when V(s) predicts the returns, 0 when it does no better than their mean
     y_pred, y_true = b_values.numpy(), b_returns.numpy()
     var_y = np.var(y_true)
-    out = {k: float(np.mean(v)) for k, v in stats.items()}
-    out["explained_var"] = (
-        float("nan") if var_y == 0 else float(1 - np.var(y_true - y_pred) / var_y)
-    )
+    explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+    out["explained_var"] = float(explained_var)
     out["first_ratio_dev"] = float((first_ratio - 1).abs().max())
     return out
 
@@ -843,9 +800,8 @@ def start_rl(policy, args):
 
 def ppo_loop(policy, optimizer, args, rng, generator):
     """num_updates x (rollout, GAE, PPO update). Returns the metrics (also in metrics.jsonl)."""
-    vec = new_envs(
-        args, [args.seed * 1000 + RANK * args.num_envs + i for i in range(args.num_envs)]
-    )
+    seeds = [args.seed * 1000 + RANK * args.num_envs + i for i in range(args.num_envs)]
+    vec = new_envs(args, seeds)
     first_update, episodes, history = 1, [], []
     if args.resume:  # weights, optimizer, every RNG, the envs, the episodes and metrics so far
         first_update, episodes, history = plumbing.restore_checkpoint(
