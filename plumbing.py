@@ -251,7 +251,7 @@ def print_trainable(policy, args, phase, params):
     print(count if where else count + ": every weight of the VLM", flush=True)
 
 
-# ---- THE TINY MODEL: a LLaVA in miniature (config, tokenizer); generate()'s settings ----
+# ---- THE MODEL: the tiny model's tokenizer, generate()'s settings ----
 # The image goes after the text, right before the answer: the answer's first tokens are then at
 # fixed distances from each card's image tokens, whatever the prompt's length, and the tiny LM
 # learns to read them (image first: Points24's read-out 0.03 against 0.58 after 600 SFT steps).
@@ -304,46 +304,6 @@ def tiny_corpus():
     return "\n".join(texts)
 
 
-TINY_VISION = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    image_size=128, patch_size=16,
-)  # fmt: skip
-
-
-def build_tiny_model(path, seed):
-    """A 0.5M-parameter LLaVA (CLIP-style tower + Llama-style LM) with a word-level tokenizer,
-    saved to `path` with save_pretrained and so loaded exactly like a real checkpoint."""
-    tokenizer = tiny_tokenizer()  # a vocabulary of every word the prompts and answers use
-    # White maps to 0 (mean 1, std 0.5): with CLIP's mean/std the white background dominates
-    # every patch and the tiny tower cannot tell the digits apart (measured while building it).
-    px, patch = TINY_VISION["image_size"], TINY_VISION["patch_size"]
-    image_processor = transformers.CLIPImageProcessor(
-        size={"shortest_edge": px}, crop_size={"height": px, "width": px},
-        image_mean=[1.0] * 3, image_std=[0.5] * 3,
-    )  # fmt: skip
-    processor = transformers.LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=TINY_TEMPLATE,
-    )  # fmt: skip
-    text_config = transformers.LlamaConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=1024,
-        pad_token_id=0, bos_token_id=2, eos_token_id=3,
-    )  # fmt: skip
-    config = transformers.LlavaConfig(
-        vision_config=transformers.CLIPVisionConfig(**TINY_VISION), text_config=text_config,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    model = transformers.LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 3
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
 # ---- THE TINY MODEL'S PRETRAINING: what a real VLM knows before any game, built once, cached ----
 # A real LLaVA starts from a CLIP tower trained on images and a projector trained to describe
 # them. The tiny model gets both in miniature, on frames of the four games, before any task's SFT:
@@ -388,10 +348,12 @@ def tiny_model_key(steps):
     rl = core()
     code = [envs, solutions, card_places, card_table, card_image, draw_suit, numberline_frame,
             tiny_tokenizer, tiny_corpus, pretrain_tiny, pretrain_vision, patch_values,
-            pretrain_describe, build_tiny_model, rl.build_prompt, rl.chat_prompt,
+            pretrain_describe, rl.build_tiny_model, rl.build_prompt, rl.chat_prompt,
             rl.thought_text, rl.answer_text, rl.sft_answers, rl.load_model]  # fmt: skip
     code += [rl.Policy.encode_prompts, rl.Policy.score, rl.Policy.hidden_states]
-    text = json.dumps([TINY_VISION, TINY_TEMPLATE, TINY_SPLIT, TINY_PRETRAIN, rl.GAME_RULES, steps])
+    text = json.dumps(
+        [rl.TINY_VISION, TINY_TEMPLATE, TINY_SPLIT, TINY_PRETRAIN, rl.GAME_RULES, steps]
+    )
     text += "".join(code_text(obj) for obj in code) + transformers.__version__
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -405,7 +367,7 @@ def tiny_model(args):
         os.makedirs(cache_root(), exist_ok=True)
         tmp = tempfile.mkdtemp(dir=cache_root(), prefix="building-")
         with torch.random.fork_rng():  # the run's own random stream is the same, cached or not
-            pretrain_tiny(build_tiny_model(tmp, TINY_PRETRAIN["seed"]), args.pretrain_steps)
+            pretrain_tiny(core().build_tiny_model(tmp, TINY_PRETRAIN["seed"]), args.pretrain_steps)
         with open(os.path.join(tmp, "done"), "w") as f:
             f.write(f"{time.time() - t0:.0f} s\n")
         shutil.rmtree(path, ignore_errors=True)

@@ -14,11 +14,11 @@ start (SFT) on answers written from an oracle, as in the paper.
     torchrun --nproc_per_node K rl4vlm_min.py ...        # data-parallel on K GPUs or processes
 
 This file is the lecture: config, prompts, parser, model, rollout, GAE, PPO, SFT, evaluation,
-train(). plumbing.py holds what a first reading skips, called through one-line hooks: how the
-tiny model is built and its cached pretraining, the critic input's standardization, exact resume,
-torchrun's gradient averaging, the memory estimate and --dry-run, checks of real checkpoints and
-of NaNs, SFT's read-out check, the random and oracle baselines, the log line, the plot and the
-summary, drawing the cards and the points games' formula search.
+train(). plumbing.py holds what a first reading skips, called through one-line hooks: the tiny
+model's cached pretraining, the critic input's standardization, exact resume, torchrun's gradient
+averaging, the memory estimate and --dry-run, checks of real checkpoints and of NaNs, SFT's
+read-out check, the random and oracle baselines, the log line, the plot and the summary, drawing
+the cards and the points games' formula search.
 
 Shapes: N envs, S steps per env per update, B batch (samples), P prompt tokens, A answer tokens,
 T = P + A, V vocabulary, H hidden size.
@@ -286,7 +286,47 @@ def parse_action(text, action_names, rng=None):
     return int(rng.integers(len(action_names))), False
 
 
-# ---- MODEL: loading (the tiny LLaVA or a real one), LoRA, value head, one scoring function ----
+# ---- MODEL: the embedded tiny LLaVA, loading, LoRA, value head, the one scoring function ----
+TINY_VISION = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    image_size=128, patch_size=16,
+)  # fmt: skip
+
+
+def build_tiny_model(path, seed):
+    """A 0.5M-parameter LLaVA (CLIP-style tower + Llama-style LM) with a word-level tokenizer,
+    saved to `path` with save_pretrained and so loaded exactly like a real checkpoint."""
+    tokenizer = plumbing.tiny_tokenizer()  # a vocabulary of every word the prompts and answers use
+    # White maps to 0 (mean 1, std 0.5): with CLIP's mean/std the white background dominates
+    # every patch and the tiny tower cannot tell the digits apart (measured while building it).
+    px, patch = TINY_VISION["image_size"], TINY_VISION["patch_size"]
+    image_processor = transformers.CLIPImageProcessor(
+        size={"shortest_edge": px}, crop_size={"height": px, "width": px},
+        image_mean=[1.0] * 3, image_std=[0.5] * 3,
+    )  # fmt: skip
+    processor = transformers.LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=plumbing.TINY_TEMPLATE,
+    )  # fmt: skip
+    text_config = transformers.LlamaConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=1024,
+        pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    )  # fmt: skip
+    config = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(**TINY_VISION), text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = transformers.LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 3
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
 def load_model(name, device, dtype, trust_remote_code=False):
     """The same Auto* calls for the tiny model and for real checkpoints."""
     remote = dict(trust_remote_code=trust_remote_code)

@@ -348,7 +348,7 @@ def test_gae_hand_worked():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = P.build_tiny_model(str(tmp_path_factory.mktemp("tiny")), seed=0)
+    path = R.build_tiny_model(str(tmp_path_factory.mktemp("tiny")), seed=0)
     processor, vlm = R.load_model(path, torch.device("cpu"), torch.float32)
     return path, processor, vlm
 
@@ -369,7 +369,7 @@ def prompts_of(policy, task, infos, cot=True):
 
 def test_tiny_model_is_deterministic_and_round_trips(tiny, tmp_path):
     path, processor, vlm = tiny
-    again = P.build_tiny_model(str(tmp_path), seed=0)
+    again = R.build_tiny_model(str(tmp_path), seed=0)
     _, vlm2 = R.load_model(again, torch.device("cpu"), torch.float32)
     assert all(
         torch.equal(a, b) for a, b in zip(vlm.state_dict().values(), vlm2.state_dict().values())
@@ -696,7 +696,7 @@ def test_notebook_order_trains_what_the_cli_trains(tmp_path):
 def test_checkpoint_sampling_settings_do_not_leak_into_generate(tmp_path):
     """A checkpoint whose generation_config ships a repetition penalty and top-k: the sampled tokens' log-probs
     (generate's own processed scores) equal the ones Policy.score computes."""
-    path = P.build_tiny_model(str(tmp_path / "model"), seed=0)
+    path = R.build_tiny_model(str(tmp_path / "model"), seed=0)
     gen = transformers.GenerationConfig.from_pretrained(path)
     gen.repetition_penalty, gen.top_k, gen.do_sample, gen.temperature = 3.0, 3, True, 2.0
     gen.save_pretrained(path)
@@ -766,7 +766,7 @@ def test_critic_reads_the_state_not_the_answer(tiny):
 
 # ---- THE TINY MODEL'S PRETRAINING: its targets, both stages, the cache ----
 def test_vision_probe_targets_name_each_card_at_its_patch():
-    grid = P.TINY_VISION["image_size"] // P.TINY_VISION["patch_size"]
+    grid = R.TINY_VISION["image_size"] // R.TINY_VISION["patch_size"]
     env = points(Points24, [12, 1, 10, 7])  # Q A 10 7: values 10, 1, 10, 7 from left to right
     target = P.patch_values(env, grid).view(grid, grid)
     row = target[(target > 0).any(1)]  # the one grid row that holds the ranks
@@ -782,7 +782,7 @@ def test_pretraining_trains_the_tower_and_the_language_model(tmp_path, monkeypat
     monkeypatch.setitem(P.TINY_PRETRAIN, "vision_steps", 2)
     monkeypatch.setitem(P.TINY_PRETRAIN, "vision_batch", 4)
     monkeypatch.setitem(P.TINY_PRETRAIN, "batch_size", 4)
-    path = P.build_tiny_model(str(tmp_path), seed=0)
+    path = R.build_tiny_model(str(tmp_path), seed=0)
     _, before = R.load_model(path, torch.device("cpu"), torch.float32)
     threads_inside, describe = [], P.pretrain_describe
 
@@ -837,7 +837,7 @@ def test_tiny_model_key_covers_every_setting_that_shapes_the_model(monkeypatch):
         (P, "TINY_TEMPLATE", P.TINY_TEMPLATE + " "),
         (P, "TINY_SPLIT", P.TINY_SPLIT + "|x"),
         (P, "TINY_PRETRAIN", {**P.TINY_PRETRAIN, "vision_steps": 1}),
-        (P, "TINY_VISION", {**P.TINY_VISION, "patch_size": 8}),
+        (R, "TINY_VISION", {**R.TINY_VISION, "patch_size": 8}),
         (R, "GAME_RULES", {**R.GAME_RULES, "numberline": "Play."}),
     ]
     for module, name, value in changes:
