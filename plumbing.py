@@ -923,6 +923,9 @@ def print_table(args, before, after, baselines):
     print(
         f"{'  random policy / oracle':34s} {baselines['random']:10.2f} {baselines['oracle']:10.2f}"
     )
+    # p over n episodes has a standard error sqrt(p (1 - p) / n), at most 0.5 / sqrt(n)
+    n = args.eval_episodes
+    print(f"  (over {n} episodes a success rate's standard error is up to {0.5 / n**0.5:.3f})")
 
 
 def prompt_shape(policy, args):
