@@ -8,18 +8,20 @@
 Rules follow the paper (Zhai et al. 2024, appendix on gym-cards) and its public package, with the
 package's defects fixed: formulas are checked in exact rational arithmetic with real operator
 validation, a reset never shows the previous episode, and every draw uses the env's seeded
-generator. plumbing.py draws the frames (Pillow only) and finds the points games' formulas for
-their oracle. `python envs.py` writes a contact sheet of frames to envs_contact_sheet.png.
+generator. Each env draws its own frames (Pillow only, its bundled font: no font file) and its
+oracle finds the points games' formulas by search. This module imports nothing of the project.
+`python envs.py` writes a contact sheet of frames to envs_contact_sheet.png.
 """
 
 import ast
+import functools
+import itertools
 import operator
 from fractions import Fraction
 
 import gymnasium as gym
 import numpy as np
-
-from plumbing import FRAME, PRECEDENCE, card_table, numberline_frame, solutions
+from PIL import Image, ImageDraw, ImageFont
 
 RANKS = {1: "A", 11: "J", 12: "Q", 13: "K"}  # other ranks print as their number
 SUITS = "SHDC"  # spades, hearts, diamonds, clubs
@@ -39,6 +41,90 @@ def label_value(label):  # what a card's label counts: "Q" -> 10, "A" -> 1, "7" 
 
 def labels(cards):  # what each card shows: its rank, or "" face down (rank 0)
     return [(RANKS.get(rank, str(rank)) if rank else "", suit) for rank, suit in cards]
+
+
+# ---- DRAWING THE CARDS: each card drawn once (cached); frames paste cached cards ----
+FRAME = 300  # frames are FRAME x FRAME x 3 uint8, as in the original package
+TABLE = (0x35, 0x65, 0x4D)  # the card games' dark green table
+
+
+@functools.cache
+def font(size):  # Pillow's bundled scalable font: no font file needed
+    return ImageFont.load_default(size=size)
+
+
+def draw_suit(d, suit, cx, cy, r, color):
+    """A suit symbol centred at (cx, cy) with half-size r, from circles and polygons."""
+
+    def circle(x, y, radius):  # (x, y) and radius in units of r
+        box = [cx + (x - radius) * r, cy + (y - radius) * r, cx + (x + radius) * r]
+        d.ellipse(box + [cy + (y + radius) * r], fill=color)
+
+    if suit == "D":
+        d.polygon(
+            [(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)], fill=color
+        )
+        return
+    if suit == "C":
+        for x, y in ((0, -0.45), (-0.5, 0.15), (0.5, 0.15)):
+            circle(x, y, 0.45)
+    else:  # a heart, or a spade (an upside-down heart)
+        s = 1 if suit == "H" else -1
+        circle(-0.45, -s * 0.3, 0.5)
+        circle(0.45, -s * 0.3, 0.5)
+        top = cy - s * 0.15 * r
+        d.polygon([(cx - 0.95 * r, top), (cx + 0.95 * r, top), (cx, cy + s * r)], fill=color)
+    if suit in "SC":  # the stem of a spade or a club
+        d.polygon([(cx, cy), (cx - 0.35 * r, cy + r), (cx + 0.35 * r, cy + r)], fill=color)
+
+
+@functools.cache
+def card_image(label, suit, w=64, h=92):
+    """One card: a big rank in the middle (legible when the frame is shrunk), suits in two
+    corners. label "" = face down (the dealer's hidden card)."""
+    img = Image.new("RGB", (w, h), TABLE)
+    d = ImageDraw.Draw(img)
+    d.rounded_rectangle([0, 0, w - 1, h - 1], radius=6, fill="white", outline="black", width=2)
+    if not label:
+        d.rounded_rectangle([5, 5, w - 6, h - 6], radius=4, fill=(150, 30, 40))
+        return img
+    color = (200, 0, 0) if suit in "HD" else (0, 0, 0)
+    d.text((w / 2, h / 2 - 4), label, font=font(round(0.37 * h)), fill=color, anchor="mm")
+    draw_suit(d, suit, 11, 12, 6, color)
+    draw_suit(d, suit, w - 12, h - 13, 6, color)
+    return img
+
+
+def card_places(rows, size=(64, 92), left=None):
+    """Where card_table puts each card of rows [(y, [(label, suit), ...]), ...]: (x, y, label,
+    suit) of its top-left corner; each row centred, or from x = left (cards overlap if many)."""
+    w = size[0]
+    for y, cards in rows:
+        step = min(w + 8, (FRAME - 20 - w) / max(len(cards) - 1, 1))
+        x0 = (FRAME - w - step * (len(cards) - 1)) / 2 if left is None else left
+        for i, (label, suit) in enumerate(cards):
+            yield round(x0 + i * step), y, label, suit
+
+
+def card_table(rows, texts=(), size=(64, 92), left=None):
+    """A green table with rows of cards of `size` (card_places) and lines of white text
+    [(y, text, font size), ...]."""
+    img = Image.new("RGB", (FRAME, FRAME), TABLE)
+    for x, y, label, suit in card_places(rows, size, left):
+        img.paste(card_image(label, suit, *size), (x, y))
+    for y, text, font_size in texts:
+        d = ImageDraw.Draw(img)
+        d.text((FRAME / 2, y), text, font=font(font_size), fill="white", anchor="mm")
+    return img
+
+
+@functools.cache
+def numberline_frame(target, current):  # only 30 possible frames: draw each once
+    img = Image.new("RGB", (FRAME, FRAME), "white")
+    d = ImageDraw.Draw(img)
+    d.text((FRAME / 2, 90), f"Target: {target}", font=font(48), fill="black", anchor="mm")
+    d.text((FRAME / 2, 210), f"Current: {current}", font=font(48), fill="black", anchor="mm")
+    return img
 
 
 class CardEnv(gym.Env):
@@ -67,7 +153,7 @@ class CardEnv(gym.Env):
     def render(self):
         return np.array(self.frame())  # (300, 300, 3) uint8, the observation itself
 
-    def frame(self):  # the card games: a table of cards and text (plumbing.card_table)
+    def frame(self):  # the card games: a table of cards and text (card_table)
         return card_table(*self.table())
 
     def table(self):  # rows [(y, [(label, suit), ...])], texts [(y, text, size)], card size[, x]
@@ -137,6 +223,39 @@ def exact(node):
     if isinstance(node, ast.BinOp) and type(node.op) in OPS:
         return OPS[type(node.op)](exact(node.left), exact(node.right))
     raise ValueError("a formula holds numbers and binary + - * / only")
+
+
+# ---- THE POINTS GAMES' ORACLE: every formula that makes the target, for PointsEnv.plan ----
+PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
+
+
+@functools.cache
+def solutions(values, target, ops):
+    """Every formula (token tuple, fewest brackets) using each of `values` once that equals
+    `target`, shortest first."""
+
+    def build(items):  # items: tuple of (tokens, value, precedence); yields full expressions
+        if len(items) == 1:
+            yield items[0]
+            return
+        for i, j in itertools.permutations(range(len(items)), 2):
+            (a, va, pa), (b, vb, pb) = items[i], items[j]
+            rest = tuple(x for k, x in enumerate(items) if k not in (i, j))
+            for op in ops:
+                if op == "/" and vb == 0:
+                    continue
+                p = PRECEDENCE[op]
+                left = ("(", *a, ")") if pa < p else a
+                right = ("(", *b, ")") if pb < p or (pb == p and op in "-/") else b
+                value = {"+": va + vb, "-": va - vb, "*": va * vb, "/": va / vb if vb else 0}[op]
+                yield from build(rest + ((left + (op,) + right, value, p),))
+
+    found = {
+        tokens
+        for tokens, value, _ in build(tuple(((str(v),), Fraction(v), 3) for v in values))
+        if value == target
+    }
+    return sorted(found, key=lambda t: (len(t), t))
 
 
 class PointsEnv(CardEnv):
@@ -303,7 +422,22 @@ for _cls in TASKS.values():
     gym.register(f"gym_cards/{_cls.__name__}-v0", entry_point=_cls)
 
 
-if __name__ == "__main__":  # a contact sheet: three frames per env, with the legal actions
-    import plumbing
+def contact_sheet(tasks, path="envs_contact_sheet.png"):
+    """Three frames of each env along the oracle's moves, with the legal actions."""
+    sheet = Image.new("RGB", (3 * FRAME, 4 * (FRAME + 40)), "white")
+    for row, cls in enumerate(tasks.values()):
+        env = cls()
+        obs, _ = env.reset(seed=row)
+        for col in range(3):
+            sheet.paste(Image.fromarray(obs), (col * FRAME, row * (FRAME + 40) + 40))
+            obs, _, term, trunc, _ = env.step(env.oracle())
+            if term or trunc:
+                obs, _ = env.reset()
+        title = f"{cls.__name__}: actions {' '.join(cls.action_names)}"
+        ImageDraw.Draw(sheet).text((8, row * (FRAME + 40) + 8), title, font=font(20), fill="black")
+    sheet.save(path)
+    print(f"wrote {path}")
 
-    plumbing.contact_sheet(TASKS)
+
+if __name__ == "__main__":  # a contact sheet: three frames per env, with the legal actions
+    contact_sheet(TASKS)

@@ -14,30 +14,25 @@ start (SFT) on answers written from an oracle, as in the paper.
     torchrun --nproc_per_node K rl4vlm_min.py ...        # data-parallel on K GPUs or processes
 
 This file is the lecture: config, prompts, parser, model, rollout, GAE, PPO, SFT, evaluation,
-train(). plumbing.py holds what a first reading skips, called through one-line hooks: the tiny
-model's cached pretraining, the critic input's standardization, exact resume, torchrun's gradient
-averaging, the memory estimate and --dry-run, checks of real checkpoints and of NaNs, SFT's
-read-out check, the random and oracle baselines, the log line, the plot and the summary, drawing
-the cards and the points games' formula search.
+train(); envs.py holds the games. What a first reading skips is called through one-line hooks and
+never imports this file: checks.py (bad input, NaNs, what a real checkpoint needs), parallel.py
+(torchrun), checkpoints.py (--output-dir, --resume, the final model), report.py (log line, plot,
+table, baselines, memory estimate, --dry-run). build_tiny_llava.py made the tiny model's folder.
 
 Shapes: N envs, S steps per env per update, B batch (samples), P prompt tokens, A answer tokens,
 T = P + A, V vocabulary, H hidden size.
 
 Deviations from the paper, each on purpose (the runs behind them: results/EXPERIMENTS.md):
-- The default model is a 0.5M-parameter LLaVA built from a config (word-level tokenizer) so the
-  loop runs on a laptop CPU, with its own defaults (lr 1e-4 or 3e-4, clip 0.2, grad-norm 0.5, 16
-  envs x 8 steps, all weights train, SFT answers at random in NumberLine and Blackjack so that RL
-  has the deciding to learn). --preset paper restores §2.
-- What a 7B LLaVA brings from its own pretraining, the tiny one gets from a pretraining stage built
-  once per machine and cached (plumbing.tiny_model): its tower learns the card values patch by
-  patch, then the whole model answers all four games in their JSON format, the thoughts reading
-  the frame right and the action at random. Its chat template puts the image after the text.
+- The default model is a 0.5M-parameter LLaVA (tiny-llava/, word-level tokenizer, the image after
+  the text) so the loop runs on a laptop CPU. What a 7B LLaVA brings from its pretraining, its
+  recipe gave it: it reads the four games' frames and answers in their JSON format, at random.
+  Its own defaults: lr 1e-4 or 3e-4, clip 0.2, grad-norm 0.5, 16 envs x 8 steps, all weights
+  train, SFT answers at random in NumberLine and Blackjack. --preset paper restores §2.
 - The thoughts end with what the decision turns on: EZPoints' with the formula to write,
   Blackjack's with whether a hit can bust, after the cards and their total (the paper: the total).
-- For the tiny model (not in --preset paper): the value head reads the mean of the prompt's
-  hidden states, detached and standardized, not the last prompt token's; and a KL penalty toward
-  the SFT policy (--kl-coef 0.5, exact over the vocabulary, logged as kl_ref) and Adam's beta2
-  0.99, not 0.999 (--adam-beta2), make PPO's bursts of broken answers rarer.
+- For the tiny model (not in --preset paper): the value head reads the prompt's mean hidden state,
+  detached and standardized, not its last token's; a KL penalty toward the SFT policy (--kl-coef
+  0.5, exact over the vocabulary) and Adam's beta2 0.99 make bursts of broken answers rarer.
 - Points24 is not discounted (gamma 1, not 0.9; --preset paper keeps 0.9): discounted, a policy
   that stalls in long formulas beats one that presses "=" (GAME_DEFAULTS says why).
 - The VLM's gradient and the value head's are clipped to --max-grad-norm apart.
@@ -46,8 +41,7 @@ Deviations from the paper, each on purpose (the runs behind them: results/EXPERI
 - RL runs with dropout off (the official code sampled with it on), so the rollout and the update
   score with one function and the first minibatch's ratio is exactly 1.
 - The official code's defects are not repeated: the thought/action split comes from character
-  offsets (not hard-coded token ids), every sample is re-scored with its own prompt, prompts are
-  batched with left padding, and checkpoints and evaluation exist.
+  offsets (not token ids), each sample is re-scored with its own prompt, and evaluation exists.
 """
 
 import copy
@@ -64,11 +58,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 import transformers
-from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
+import checkpoints
+import checks
 import envs
-import plumbing
-from plumbing import RANK, WORLD, fail
+import parallel
+import report
+from parallel import RANK, WORLD
 
 transformers.utils.logging.disable_progress_bar()  # no load/save progress bars for a 1 MB model
 
@@ -84,9 +81,7 @@ class Args:
     task: Literal["numberline", "ezpoints", "points24", "blackjack"] = arg(
         "numberline", "which card env to learn; sets that game's row of GAME_DEFAULTS first"
     )
-    model: str = arg("tiny", "'tiny' (embedded LLaVA) or a Hugging Face id / local checkpoint")
-    pretrain_steps: int = arg(3000, "tiny model: steps of its cached pretraining (0: none)")
-    rebuild_tiny: bool = arg(False, "tiny model: pretrain it again, not from the cache")
+    model: str = arg("tiny", "'tiny' (the embedded LLaVA, tiny-llava/), a Hugging Face id or path")
     preset: Literal["tiny", "paper"] = arg("tiny", "'paper': §2 of RL4VLM before your flags")
     seed: int = arg(1, "seeds torch, numpy, python, the envs, sampling and the SFT data")
     output_dir: str = arg("", "metrics, checkpoints and plots (default runs/<task>-seed<seed>)")
@@ -127,7 +122,7 @@ class Args:
     sft_steps: int = arg(500, "supervised warm-start steps before RL (0 = none)")
     sft_batch_size: int = arg(16, "answers per SFT step")
     sft_lr: float = arg(1e-3, "Adam learning rate of SFT")
-    sft_readout_steps: int = arg(0, "first SFT steps on the thoughts alone (-1: half; untrained)")
+    sft_readout_steps: int = arg(0, "first SFT steps on the thoughts alone (-1: half of SFT)")
     sft_oracle_prob: float = arg(0.0, "chance an SFT answer acts as the oracle (per game)")
     # evaluation and output
     eval_episodes: int = arg(200, "episodes per evaluation (per game); seeds unlike training")
@@ -138,22 +133,16 @@ class Args:
 
     def __post_init__(self):  # derived sizes, computed once, right here
         self.output_dir = self.output_dir or f"runs/{self.task}-seed{self.seed}"
-        if self.sft_readout_steps < 0:
-            self.sft_readout_steps = self.sft_steps // 2
+        readout = self.sft_readout_steps  # -1: half of SFT's steps, whatever sets --sft-steps
+        self.sft_readout = self.sft_steps // 2 if readout < 0 else readout
         self.batch_size = self.num_envs * self.num_steps  # B
         # --total-steps counts env steps over all workers (bad sizes are reported in parse_args)
         self.num_updates = max(self.total_steps // max(self.batch_size * WORLD, 1), 1)
 
 
-# Each game's tuned settings, set before the flags you type (which win): `--task X` alone runs X as
-# tuned (the runs behind each value: README.md, "Each game's defaults"). NumberLine and Blackjack
-# start RL from random actions, so RL has all the deciding to learn; the points games need an SFT
-# policy that finishes formulas, or RL never sees a reward (the paper's SFT: 23% on EZPoints).
-# Points24 is not discounted: at gamma 0.9, operators (reward 0) that put the formula cap's -1 off
-# by 20 steps were worth -0.12 against -1 for "=", so RL learned to stall in long formulas, where
-# the answers broke. Blackjack's SFT is longer and slower: its thoughts add up three or more cards,
-# which SFT at 500-1,000 steps of lr 1e-3 left wrong on a third of such hands (and RL at
-# always-stand on a seed of three); it is evaluated on 1,000 episodes (the paper's count).
+# Each game's tuned settings, set before the flags you type (which win); why each, with its runs:
+# README.md, "Each game's defaults" (e.g. the points games' SFT must finish formulas, or RL never
+# sees a reward; Points24 undiscounted: at 0.9 RL learned to stall in long formulas).
 GAME_DEFAULTS = {
     "numberline": dict(sft_oracle_prob=0.0, learning_rate=3e-4),
     "ezpoints": dict(sft_oracle_prob=0.6, sft_steps=1000),
@@ -162,8 +151,7 @@ GAME_DEFAULTS = {
         sft_oracle_prob=0.0, sft_steps=2000, sft_lr=3e-4, learning_rate=3e-4, eval_episodes=1000
     ),
 }
-# §2 of the paper. Steps per update: 512 (NumberLine, Blackjack) or 1024 (points games), in
-# minibatches of 128.
+# §2 of the paper; steps per update 512 (NumberLine, Blackjack) or 1024, in minibatches of 128
 PAPER_PRESET = dict(
     temperature=0.2, thought_coef=0.5, clip_coef=0.1, gamma=0.9, gae_lambda=0.95,
     update_epochs=4, max_grad_norm=0.01, learning_rate=1e-5, lora_rank=128, lora_alpha=256.0,
@@ -174,14 +162,12 @@ PAPER_PRESET = dict(
 
 
 def parse_args(argv=None):
-    parser = HfArgumentParser(Args)
-    parser.error = lambda message: fail(f"{message} (see python rl4vlm_min.py --help)")
     argv = sys.argv[1:] if argv is None else list(argv)
-    (args,) = parser.parse_args_into_dataclasses(argv)
+    args = checks.parse_cli(Args, argv)  # HfArgumentParser; a bad or unknown flag: one line
     given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
     given = {"cot" if name == "no_cot" else name for name in given}
     if args.resume:
-        args = plumbing.resumed_args(args, given)  # the run's own settings, from its checkpoint
+        args = checkpoints.resumed_args(args, given)  # the run's own settings, from its checkpoint
     else:  # the game's defaults, then the paper's (--preset paper); any flag typed wins
         settings = dict(GAME_DEFAULTS[args.task])
         if args.preset == "paper":
@@ -191,7 +177,7 @@ def parse_args(argv=None):
             if key not in given:
                 setattr(args, key, value)
         args.__post_init__()
-    return plumbing.check_args(args)  # every value in range, or what to change
+    return checks.check_args(args, EVAL_SEED)  # every value in range, or what to change
 
 
 # ---- PROMPTS: one single-turn prompt per step; what is in the image stays out of the text ----
@@ -286,60 +272,25 @@ def parse_action(text, action_names, rng=None):
     return int(rng.integers(len(action_names))), False
 
 
-# ---- MODEL: the embedded tiny LLaVA, loading, LoRA, value head, the one scoring function ----
-TINY_VISION = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    image_size=128, patch_size=16,
-)  # fmt: skip
-
-
-def build_tiny_model(path, seed):
-    """A 0.5M-parameter LLaVA (CLIP-style tower + Llama-style LM) with a word-level tokenizer,
-    saved to `path` with save_pretrained and so loaded exactly like a real checkpoint."""
-    tokenizer = plumbing.tiny_tokenizer()  # a vocabulary of every word the prompts and answers use
-    # White maps to 0 (mean 1, std 0.5): with CLIP's mean/std the white background dominates
-    # every patch and the tiny tower cannot tell the digits apart (measured while building it).
-    px, patch = TINY_VISION["image_size"], TINY_VISION["patch_size"]
-    image_processor = transformers.CLIPImageProcessor(
-        size={"shortest_edge": px}, crop_size={"height": px, "width": px},
-        image_mean=[1.0] * 3, image_std=[0.5] * 3,
-    )  # fmt: skip
-    processor = transformers.LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=plumbing.TINY_TEMPLATE,
-    )  # fmt: skip
-    text_config = transformers.LlamaConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=1024,
-        pad_token_id=0, bos_token_id=2, eos_token_id=3,
-    )  # fmt: skip
-    config = transformers.LlavaConfig(
-        vision_config=transformers.CLIPVisionConfig(**TINY_VISION), text_config=text_config,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    model = transformers.LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 3
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+# ---- MODEL: loading (the embedded tiny LLaVA or any checkpoint), LoRA, value head, scoring ----
+# --model tiny: the 0.5M-parameter LLaVA in this repository, a checkpoint folder like any other
+TINY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny-llava")
 
 
 def load_model(name, device, dtype, trust_remote_code=False):
     """The same Auto* calls for the tiny model and for real checkpoints."""
+    if name == "tiny":
+        name = checks.tiny_folder(TINY_MODEL)  # or what to do if the folder is missing
     remote = dict(trust_remote_code=trust_remote_code)
-    with plumbing.loading(name):  # a wrong --model: one line that says what to pass instead
+    with checks.loading(name):  # a wrong --model: one line that says what to pass instead
         config = transformers.AutoConfig.from_pretrained(name, **remote)
         # tiling families (LLaVA-NeXT, Qwen-VL, ...) see a 300x300 frame as one bounded view
-        processor_kw, model_kw, mrope = plumbing.family_bounds(config, name, trust_remote_code)
+        processor_kw, model_kw, mrope = checks.family_bounds(config, name, trust_remote_code)
         processor = AutoProcessor.from_pretrained(name, **remote, **processor_kw)
         vlm = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, **remote, **model_kw)
-    # an image processor and a chat template, or a clear error; and the checkpoint's sampling
-    # settings dropped (a repetition penalty would make generate() sample another policy than
-    # the one score() scores: PPO silently off-policy)
-    plumbing.check_checkpoint(name, config, processor, vlm)
+    # an image processor and a chat template, or a clear error; the checkpoint's sampling settings
+    # dropped (a repetition penalty would sample another policy than score() scores: off-policy)
+    checks.check_checkpoint(name, config, processor, vlm)
     processor.tokenizer.padding_side = "left"  # so that every answer starts at column P
     vlm.mrope = mrope  # Qwen-VL builds its own 3-D positions from the image grid
     return processor, vlm.to(device)
@@ -386,6 +337,18 @@ def add_lora(vlm, rank, alpha, dropout, targets):
     return len(names)
 
 
+class Standardize(nn.Module):
+    """x -> (x - mean) / std: the value head's first layer (fit_critic_input sets mean and std)."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(size))
+        self.register_buffer("std", torch.ones(size))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
 class Policy(nn.Module):
     """The VLM (actor) plus a value head (critic) on the VLM's final hidden states of the prompt."""
 
@@ -398,9 +361,9 @@ class Policy(nn.Module):
         hidden = vlm.config.get_text_config().hidden_size
         device = vlm.get_output_embeddings().weight.device
         # the paper's MLP, in fp32 whatever the VLM's dtype, after a layer that standardizes its
-        # input with statistics fit as RL starts (plumbing.fit_critic_input)
+        # input with statistics fit as RL starts (fit_critic_input)
         self.value_head = nn.Sequential(
-            plumbing.Standardize(hidden), nn.Linear(hidden, 1024), nn.ReLU(), nn.Linear(1024, 512),
+            Standardize(hidden), nn.Linear(hidden, 1024), nn.ReLU(), nn.Linear(1024, 512),
             nn.ReLU(), nn.Linear(512, 1),
         ).to(device)  # fmt: skip
         tok = processor.tokenizer
@@ -421,7 +384,7 @@ class Policy(nn.Module):
     def generate(self, frames, prompts, greedy, max_new_tokens):
         """One batched generate for all envs: the answer token ids per env, EOS included."""
         batch = self.encode_prompts(frames, prompts)
-        config = plumbing.sampling_config(self, greedy, max_new_tokens)  # T, nothing else
+        config = checks.sampling_config(self, greedy, max_new_tokens)  # T, nothing else
         with torch.no_grad():
             seqs = self.vlm.generate(**batch, generation_config=config)  # (B, P + A)
         answers = []
@@ -433,12 +396,14 @@ class Policy(nn.Module):
         """lambda for thought tokens, 1 for action tokens: the action span starts at the token that
         holds the first character of the last "action": key (character offsets, no token ids)."""
         decode = lambda ids: self.processor.tokenizer.decode(ids, skip_special_tokens=True)
-        start = decode(answer_ids).lower().rfind(ACTION_KEY)
+        text = decode(answer_ids)  # the key found case-blind in this text (lower() can lengthen it)
+        keys = re.finditer(re.escape(ACTION_KEY), text, re.IGNORECASE)
+        start = max((key.start() for key in keys), default=-1)
         weights = [self.thought_coef] * len(answer_ids)
         if start < 0:
             return weights  # no action key: the action was random, only thoughts were written
         n = 0  # the first token whose decoded prefix reaches past `start`
-        while len(decode(answer_ids[: n + 1])) <= start:
+        while n < len(answer_ids) - 1 and len(decode(answer_ids[: n + 1])) <= start:
             n += 1
         return weights[:n] + [1.0] * (len(answer_ids) - n)
 
@@ -488,33 +453,28 @@ class Policy(nn.Module):
         return out.last_hidden_state
 
     def state_value(self, hidden, prompt_mask):
-        """V(s) from the prompt's final hidden states (B, P, H), never from the answer: the critic
-        sees the state alone. A 7B model carries the state into its last prompt token (the paper's
-        choice, value_input "last"); the tiny model does not (that position precedes the same '{"'
-        in every answer, so SFT gives it no reason to): its last-token head gave 0.78-0.81 on all
-        30 NumberLine states. "mean" reads the mean over the prompt tokens, image tokens included,
-        detached: the value loss trains the head only (trained through the trunk, the thoughts'
-        read-out fell to 0.56-0.82 after RL; results/EXPERIMENTS.md)."""
+        """V(s) from the prompt's final hidden states (B, P, H), never from the answer. A 7B model
+        carries the state into its last prompt token (the paper's value_input "last"); the tiny
+        one does not (its last-token head gave 0.78-0.81 on all 30 NumberLine states). "mean":
+        the mean over the prompt tokens, image tokens included, detached, so the value loss
+        trains the head only (through the trunk it cut the thoughts' read-out to 0.56-0.82)."""
         return self.value_head(self.state_features(hidden, prompt_mask))[:, 0]  # (B,)
 
-    def state_features(self, hidden, prompt_mask):
-        """The value head's input (B, H), in fp32."""
+    def state_features(self, hidden, prompt_mask):  # the value head's input (B, H), in fp32
         if self.value_input == "last":
             return hidden[:, -1].float()  # the last prompt token, thanks to left padding
         m = prompt_mask[..., None].to(hidden.dtype)  # (B, P, 1)
         return ((hidden * m).sum(1) / m.sum(1)).detach().float()
 
     @torch.no_grad()
-    def features(self, frames, prompts):
-        """The value head's input (B, H) from frames and prompts alone."""
+    def features(self, frames, prompts):  # the value head's input (B, H) from frames and prompts
         batch = self.encode_prompts(frames, prompts)
         mask = batch.pop("attention_mask")
         hidden = self.hidden_states(batch.pop("input_ids"), mask, batch)  # (B, P, H)
         return self.state_features(hidden, mask)
 
     @torch.no_grad()
-    def value(self, frames, prompts):
-        """V(s) alone (to bootstrap the last step of a rollout)."""
+    def value(self, frames, prompts):  # V(s) alone, to bootstrap the last step of a rollout
         return self.value_head(self.features(frames, prompts))[:, 0]  # (B,)
 
 
@@ -530,8 +490,8 @@ class Sample:
 
 
 def act(policy, task, infos, frames, args, rng, greedy=False):
-    """Observe -> prompt -> one batched generate -> parse.
-    Returns actions, parsed flags, prompts, answers (token ids) and texts."""
+    """Observe -> prompt -> one batched generate -> parse: actions, parsed, prompts, answers and
+    texts."""
     prompts = task_prompts(policy.processor, task, infos, args.cot)
     answers = policy.generate(frames, prompts, greedy, args.max_new_tokens)
     texts = [policy.processor.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
@@ -542,9 +502,8 @@ def act(policy, task, infos, frames, args, rng, greedy=False):
 def new_envs(args, seeds):
     """The rollout's N envs, reset with `seeds`, and their running episode returns and lengths."""
     vec = dict(envs=[envs.TASKS[args.task]() for _ in seeds])
-    vec["obs"], vec["infos"] = map(
-        list, zip(*(e.reset(seed=s) for e, s in zip(vec["envs"], seeds)))
-    )
+    first = [env.reset(seed=seed) for env, seed in zip(vec["envs"], seeds)]  # (obs, info) each
+    vec["obs"], vec["infos"] = [obs for obs, _ in first], [info for _, info in first]
     vec["ep_return"], vec["ep_len"] = [0.0] * len(seeds), [0] * len(seeds)
     return vec
 
@@ -564,8 +523,8 @@ def rollout(policy, vec, args, rng, episodes, update=0):
         with torch.no_grad():
             logprob, value, _, _ = policy.score(vec["obs"], prompts, answers, weights)
         where = f"update {update}, rollout step {t}"
-        plumbing.check_finite("the rollout log-probability", logprob, where)
-        plumbing.check_finite("the rollout value", value, where)
+        checks.check_finite("the rollout log-probability", logprob, where)
+        checks.check_finite("the rollout value", value, where)
         logprobs[t], values[t] = logprob.cpu(), value.cpu()
         parse_fails += parsed.count(False)
         readouts += sum(thought_text(args.task, i) in s for i, s in zip(vec["infos"], texts))
@@ -652,8 +611,8 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
                     frames, prompts, answers, weights
                 )
                 newlogprob, newvalue, entropy = newlogprob.cpu(), newvalue.cpu(), entropy.cpu()
-                plumbing.check_finite("the log-probability", newlogprob, where)
-                plumbing.check_finite("the value", newvalue, where)
+                checks.check_finite("the log-probability", newlogprob, where)
+                checks.check_finite("the value", newvalue, where)
                 logratio = newlogprob - b_logprobs[inds]
                 ratio = logratio.exp()
                 if first_ratio is None:  # == 1 by construction: same scoring path, same weights
@@ -676,16 +635,16 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
                     kl_ref = reference_kl(newlogp, ref[3], [len(a) for a in answers]).cpu()
                 loss = pg_loss - args.ent_coef * entropy.mean() + args.vf_coef * v_loss
                 loss = loss + args.kl_coef * kl_ref
-                plumbing.check_finite("the PPO loss", loss, where)
+                checks.check_finite("the PPO loss", loss, where)
                 (loss * len(inds) / len(mb_inds)).backward()
                 for key, val in zip(keys, (pg_loss, v_loss, entropy.mean(), kl_ref)):
                     stats[key].append(val.item())
-            plumbing.average_gradients(actor + critic)  # torchrun: the mean over workers
+            parallel.average_gradients(actor + critic)  # torchrun: the mean over workers
             # clipped apart: clipped together, the value loss's larger gradient shrank the
             # policy's step (at NumberLine's RL start: norm 4.2 on the value head, 1.7 on the VLM)
             grad_norm = nn.utils.clip_grad_norm_(actor, args.max_grad_norm)
             nn.utils.clip_grad_norm_(critic, args.max_grad_norm)
-            plumbing.check_finite("the gradient norm", grad_norm, where)
+            checks.check_finite("the gradient norm", grad_norm, where)
             stats["grad_norm"].append(grad_norm.item())
             optimizer.step()
     out = {k: float(np.mean(v)) for k, v in stats.items()}
@@ -700,10 +659,9 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
 
 # ---- SFT WARM START: cross-entropy on answers written from the env oracle ----
 def sft_answers(args, env, rng, n, oracle_prob, tokenizer, readout_only=False):
-    """n (frame, info, answer ids) from random states: a reset, then 0-3 moves, each the
-    oracle's or (half the time) a random one, so that states off the oracle's path are seen too
-    (a formula begun wrong: the oracle then presses "="). The thoughts read the state out right;
-    the action is the oracle's with probability `oracle_prob`, else uniformly random.
+    """n (frame, info, answer ids) from random states: a reset, then 0-3 moves, each the oracle's
+    or a random one, so states off the oracle's path are seen too. The thoughts read the state
+    right; the action is the oracle's with probability `oracle_prob`, else uniformly random.
     readout_only: answers hold the thoughts alone."""
     names, out = env.action_names, []
     for _ in range(n):
@@ -723,15 +681,25 @@ def sft_answers(args, env, rng, n, oracle_prob, tokenizer, readout_only=False):
     return out
 
 
+def held_out_states(policy, args, seed, n):
+    """n states drawn as SFT's are, from their own generator: frames, prompts and infos."""
+    rng, tok = np.random.default_rng(seed), policy.processor.tokenizer
+    data = sft_answers(args, envs.TASKS[args.task](), rng, n, 0.0, tok, readout_only=True)
+    infos = [info for _, info, _ in data]
+    prompts = task_prompts(policy.processor, args.task, infos, args.cot)
+    return [frame for frame, _, _ in data], prompts, infos
+
+
 def sft_warm_start(policy, args, rng):
     env, tok = envs.TASKS[args.task](), policy.processor.tokenizer
     params = set_trainable(policy, args, "sft")
     optimizer = torch.optim.Adam(params, lr=args.sft_lr)
-    check = plumbing.sft_check_set(policy, args)  # held-out states: can the model see yet?
+    frames, prompts, infos = held_out_states(policy, args, args.seed + 10**6, 16)
+    check = frames, prompts, [thought_text(args.task, i) for i in infos]  # can the model see?
     policy.train()
     for step in range(1, args.sft_steps + 1):
         # the pretrained tiny model reads already: read-out steps first help an untrained one only
-        readout_only = step <= args.sft_readout_steps
+        readout_only = step <= args.sft_readout
         n, oracle_prob = args.sft_batch_size, args.sft_oracle_prob
         data = sft_answers(args, env, rng, n, oracle_prob, tok, readout_only)
         prompts = task_prompts(policy.processor, args.task, [i for _, i, _ in data], args.cot)
@@ -743,17 +711,17 @@ def sft_warm_start(policy, args, rng):
             frames, ones = [f for f, _, _ in data[part]], [[1.0] * len(a) for a in answers[part]]
             logprob = policy.score(frames, prompts[part], answers[part], ones, temperature=1.0)[0]
             part_loss = -logprob.sum() / n_tokens  # mean cross-entropy per answer token
-            plumbing.check_finite("the SFT loss", part_loss, f"SFT step {step}")
+            checks.check_finite("the SFT loss", part_loss, f"SFT step {step}")
             part_loss.backward()
             loss += part_loss.item()
-        plumbing.average_gradients(params)
+        parallel.average_gradients(params)
         nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        plumbing.log_sft_step(policy, args, step, loss, check)  # every 50 steps: loss, read-out
+        report.log_sft_step(policy, args, step, loss, check)  # every 50 steps: loss, read-out
 
 
 # ---- EVALUATION: fixed seeds disjoint from training; success = summed reward > 0 (the paper) ----
-EVAL_SEED = 10**6  # eval episodes: seeds 10**6, 10**6 + 1, ...; training envs: seed * 1000 + i
+EVAL_SEED = 10**6  # eval seeds 10**6, 10**6 + 1, ...; training envs below: seed * 1000 + i
 
 
 def evaluate(policy, args, greedy, rng):
@@ -783,43 +751,57 @@ def evaluate(policy, args, greedy, rng):
 
 # ---- TRAIN: SFT warm start, evaluate, PPO, evaluate again ----
 def setup(args):
-    """Seeds, device, output dir, model and policy. Returns policy, rng (numpy), generator."""
+    """Seeds, device, output dir, model, policy: policy, rng (numpy), generator, prompt shape."""
     seed = args.seed + RANK  # each torchrun worker samples differently (rank 0: --seed)
     random.seed(seed)  # the one seeding block
     np.random.seed(seed)
     torch.manual_seed(seed)  # weights of new layers, sampling in generate
     rng = np.random.default_rng(seed)  # parser fallback, SFT data, evaluation
     generator = torch.Generator().manual_seed(seed)  # minibatch shuffling
-    device, dtype = plumbing.device_and_dtype()  # a GPU in bf16 if there is one, else the CPU
-    plumbing.start_workers(device)  # torchrun: join the other workers
-    plumbing.make_output_dir(args)
-    model_path = plumbing.resumed_model(args)  # a resumed run's SFT model, if it saved one
-    if model_path is None and args.model == "tiny":  # built and pretrained once per machine
-        model_path = plumbing.tiny_model(args)
+    device, dtype = parallel.device_and_dtype()  # a GPU in bf16 if there is one, else the CPU
+    parallel.start_workers(device)  # torchrun: join the other workers
+    checkpoints.make_output_dir(args)
+    model_path = checkpoints.resumed_model(args)  # a resumed run's SFT model, if it saved one
     processor, vlm = load_model(model_path or args.model, device, dtype, args.trust_remote_code)
     if args.gradient_checkpointing:
         vlm.activation_checkpointing_enable()  # every decoder layer recomputed in the backward
     policy = Policy(vlm, processor, args.temperature, args.thought_coef, args.value_input)
-    plumbing.broadcast_weights(policy)  # torchrun: the value head starts the same everywhere
-    plumbing.print_setup(policy, args, device, dtype)  # model, prompt length, schedule
-    return policy, rng, generator
+    parallel.broadcast_weights(policy)  # torchrun: the value head starts the same everywhere
+    frame, info = envs.TASKS[args.task]().reset(seed=0)  # a first prompt: its length in tokens
+    prompt = task_prompts(processor, args.task, [info], args.cot)[0]
+    shape = report.prompt_shape(policy, frame, prompt)  # (prompt tokens, image tokens)
+    report.print_setup(policy, args, device, dtype, shape)  # model, prompt length, schedule
+    return policy, rng, generator, shape
 
 
 def set_trainable(policy, args, phase):
-    """The one place that decides what trains, at the start of SFT ("sft") and of RL ("rl"), in
-    train() and in the notebook alike. --lora-rank 0: every weight, in both phases. --lora-in-sft:
-    adapters added before SFT, and only they (and the value head) train in both phases. --lora-rank
-    R alone: SFT trains every weight, adapters are added before RL. Returns what trains."""
+    """The one place that decides what trains, as SFT ("sft") and RL ("rl") start. --lora-rank 0:
+    every weight, in both phases. --lora-in-sft: adapters added before SFT, and only they (and the
+    value head) train in both. --lora-rank R alone: SFT trains every weight, adapters come before
+    RL. Returns what trains."""
     has_lora = any(isinstance(m, LoRALinear) for m in policy.vlm.modules())
     if args.lora_rank > 0 and (phase == "rl" or args.lora_in_sft) and not has_lora:
         add_lora(policy.vlm, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
-        plumbing.broadcast_weights(policy)  # torchrun: every worker starts from rank 0's adapters
+        parallel.broadcast_weights(policy)  # torchrun: every worker starts from rank 0's adapters
     if phase == "rl":  # the update scores with dropout off, as the rollout did: ratio 1
-        plumbing.dropout_off(policy)
+        checks.dropout_off(policy)
     module = policy if phase == "rl" else policy.vlm  # the value head trains in RL only
     params = [p for p in module.parameters() if p.requires_grad]
-    plumbing.print_trainable(policy, args, phase, params)
+    report.print_trainable(policy, args, phase, params)
     return params
+
+
+def fit_critic_input(policy, args, n=256):
+    """The tiny model's mean prompt features differ between states by about 5% of their size: a
+    value head fit 0.06 of NumberLine's state values from them, 1.00 once standardized (§8 of
+    results/EXPERIMENTS.md). So the head's first layer uses their mean and std over n states."""
+    frames, prompts, _ = held_out_states(policy, args, args.seed + 7, n)
+    m = args.micro_batch_size
+    features = [policy.features(frames[i : i + m], prompts[i : i + m]) for i in range(0, n, m)]
+    features = torch.cat(features)  # (n, H)
+    policy.value_head[0].mean.copy_(features.mean(0))
+    policy.value_head[0].std.copy_(features.std(0).clamp(min=1e-4))
+    parallel.broadcast_weights(policy)  # torchrun: every worker standardizes alike
 
 
 def start_rl(policy, args):
@@ -827,7 +809,7 @@ def start_rl(policy, args):
     starts: the SFT policy) if --kl-coef > 0, and the optimizer."""
     params = set_trainable(policy, args, "rl")
     if args.value_input == "mean":
-        plumbing.fit_critic_input(policy, args)  # the head standardizes its input
+        fit_critic_input(policy, args)  # the head standardizes its input
     if args.kl_coef > 0 and policy.reference is None:
         policy.reference = copy.deepcopy(policy.vlm).requires_grad_(False)
     # Adam divides each step by a running RMS of past gradients. With beta2 0.999 that RMS forgets
@@ -844,7 +826,7 @@ def ppo_loop(policy, optimizer, args, rng, generator):
     vec = new_envs(args, seeds)
     first_update, episodes, history = 1, [], []
     if args.resume:  # weights, optimizer, every RNG, the envs, the episodes and metrics so far
-        first_update, episodes, history = plumbing.restore_checkpoint(
+        first_update, episodes, history = checkpoints.restore_checkpoint(
             policy, optimizer, vec, args, rng, generator
         )
     for update in range(first_update, args.num_updates + 1):
@@ -859,41 +841,45 @@ def ppo_loop(policy, optimizer, args, rng, generator):
         )  # fmt: skip
         stats = ppo_update(policy, optimizer, data, advantages, returns, args, generator, update)
         # success and return of the last 100 episodes, rates and losses: all workers' mean
-        row = plumbing.update_row(args, update, lr, episodes, data, stats, t_update)
-        plumbing.check_weights_agree(policy, row)  # torchrun: every worker's weights identical
+        row = report.update_row(args, update, lr, episodes, data, stats, t_update)
+        parallel.check_weights_agree(policy, row)  # torchrun: every worker's weights identical
         history.append(row)
-        plumbing.log_update(args, row, data["gallery"][0])  # metrics.jsonl and one line
+        report.log_update(args, row, data["gallery"][0])  # metrics.jsonl and one line
         if (args.save_every and update % args.save_every == 0) or update == args.num_updates:
-            plumbing.save_checkpoint(policy, optimizer, vec, args, rng, generator, episodes, update)
+            checkpoints.save_checkpoint(
+                policy, optimizer, vec, args, rng, generator, episodes, update
+            )
     return history
 
 
 def train(args):
     t0 = time.time()
-    policy, rng, generator = setup(args)
+    policy, rng, generator, shape = setup(args)
     if args.dry_run:  # time one rollout step and one update, print the memory they take, stop
-        return plumbing.dry_run(policy, args, rng, generator)
+        loop = dict(start_rl=start_rl, new_envs=new_envs, rollout=rollout,
+                    compute_gae=compute_gae, ppo_update=ppo_update)  # fmt: skip
+        return report.dry_run(policy, args, rng, generator, shape, loop)
     if args.resume:  # SFT and the first evaluation are done: read their result
-        before = plumbing.saved_before(args)
+        before = checkpoints.saved_before(args)
     else:
         if args.sft_steps:
-            plumbing.print_memory(policy, args, "SFT")
+            report.print_memory(policy, args, "SFT", shape)
             sft_warm_start(policy, args, rng)
-            plumbing.keep_sft_model(policy, args)  # the KL reference or LoRA base, for --resume
+            checkpoints.keep_sft_model(policy, args)  # the KL reference or LoRA base, for --resume
         before = None
         if RANK == 0:  # rank 0 alone evaluates; the others wait for it at the next exchange
             before = {m: evaluate(policy, args, m == "greedy", rng) for m in ("sampled", "greedy")}
-        plumbing.save_before(args, before)
-    baselines = plumbing.baseline_success(args)  # the random and oracle policies
-    plumbing.print_before(before, baselines)
+        checkpoints.save_before(args, before)
+    baselines = report.baseline_success(args, EVAL_SEED)  # random and oracle, on the eval seeds
+    report.print_before(before, baselines)
     optimizer = start_rl(policy, args)
-    plumbing.print_memory(policy, args, "RL")
+    report.print_memory(policy, args, "RL", shape)
     history = ppo_loop(policy, optimizer, args, rng, generator)
     if RANK > 0:
         return None
     after = {m: evaluate(policy, args, m == "greedy", rng) for m in ("sampled", "greedy")}
     # the learning curve, the final model, summary.json and the before/after table
-    return plumbing.finish_run(policy, args, history, before, after, baselines, t0)
+    return report.finish_run(policy, args, history, before, after, baselines, t0, shape)
 
 
 # ---- MAIN ----
@@ -907,9 +893,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
     finally:
-        plumbing.stop_workers()
+        parallel.stop_workers()
 
 
 if __name__ == "__main__":
-    sys.modules["rl4vlm_min"] = sys.modules["__main__"]  # plumbing.py imports this very module
     main()

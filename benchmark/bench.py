@@ -21,8 +21,8 @@ import torch
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 sys.path.insert(0, HERE)
+import checkpoints  # noqa: E402
 import envs  # noqa: E402
-import plumbing as P  # noqa: E402
 import rl4vlm_min as R  # noqa: E402
 
 TASKS = ["numberline", "ezpoints", "points24", "blackjack"]
@@ -158,7 +158,7 @@ def speed(model_path, out_dir, steps):
                 out_dir,
             ]
         )
-        policy, rng, generator = R.setup(args)
+        policy, rng, generator, _ = R.setup(args)
         optimizer = R.start_rl(policy, args)
         vec = dict(
             envs=[envs.TASKS[args.task]() for _ in range(num_envs)],
@@ -193,7 +193,7 @@ def speed(model_path, out_dir, steps):
         rows[f"PPO update, minibatch {mb} (samples/s)"] = updates[mb]
     # where the time of one default update goes (16 envs x 8 steps, 4 epochs, minibatch 32)
     args = R.parse_args(["--model", model_path, "--total-steps", "128", "--output-dir", out_dir])
-    policy, rng, generator = R.setup(args)
+    policy, rng, generator, _ = R.setup(args)
     optimizer = R.start_rl(policy, args)
     timers = Timers()
     timers.wrap(R.Policy, "generate", "generation (batched generate)")
@@ -206,7 +206,7 @@ def speed(model_path, out_dir, steps):
     timers.wrap(R.Policy, "score", score_part)
     timers.wrap(R.Policy, "value", "rollout scoring")
     timers.wrap(R, "ppo_update", "PPO update in total")
-    timers.wrap(P, "save_checkpoint", "checkpoint")
+    timers.wrap(checkpoints, "save_checkpoint", "checkpoint")
     for cls in envs.TASKS.values():
         timers.wrap(cls, "step", "env stepping")
     t = time.perf_counter()
@@ -480,7 +480,7 @@ def main(argv=None):
     ablation_seeds = {"numberline": seeds, "ezpoints": opts.ezpoints_ablation_seeds}
     if opts.quick:
         tasks, seeds, ablation_seeds = ["numberline"], [1], {"numberline": [1]}
-        extra = "--pretrain-steps 0 --num-envs 4 --total-steps 32 --sft-steps 4 "
+        extra = "--num-envs 4 --total-steps 32 --sft-steps 4 "
         extra = (extra + "--sft-readout-steps 2 --eval-episodes 2 --max-new-tokens 16").split()
     missing = []
 
