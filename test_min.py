@@ -1113,7 +1113,8 @@ def test_each_game_default_configuration_completes(task, tmp_path):
         ]
     )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(np.isfinite(r["kl_ref"]) and r["kl_ref"] >= 0 for r in rows)
+    # the exact KL is >= 0; float sums leave it a few 1e-9 below when the policy has not moved
+    assert len(rows) == 2 and all(np.isfinite(r["kl_ref"]) and r["kl_ref"] > -1e-6 for r in rows)
     assert json.loads((tmp_path / "summary.json").read_text())["task"] == task
 
 
