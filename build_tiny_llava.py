@@ -158,8 +158,7 @@ def tiny_corpus():
 #    constant lr, then settling: a sixth as many steps again with the lr falling linearly to 0.
 #    Without the settling the model never read "Current: 0" and NumberLine failed on some seeds
 #    (results/EXPERIMENTS.md §12-13).
-# The result is a standard checkpoint in a cache folder named by a hash of everything that
-# determines it: rebuilt when any of that changes, or with --rebuild-tiny.
+# The result is tiny-llava/, a standard checkpoint; recipe.json records the recipe's key.
 TINY_PRETRAIN = dict(seed=0, vision_steps=400, vision_batch=32, batch_size=16, lr=1e-3)
 
 
@@ -293,7 +292,7 @@ def recipe_key(steps):
     draws the frames (all of envs.py), writes the prompts and answers, loads and scores."""
     code = [envs, tiny_tokenizer, tiny_corpus, build_tiny_model, pretrain_tiny, pretrain_vision,
             patch_values, pretrain_describe, rl.build_prompt, rl.chat_prompt, rl.task_prompts,
-            rl.thought_text, rl.answer_text, rl.sft_answers, rl.load_model,
+            rl.thought_text, rl.answer_text, rl.sft_answers, rl.load_model, rl.Policy.__init__,
             rl.Policy.encode_prompts, rl.Policy.score, rl.Policy.hidden_states]  # fmt: skip
     text = json.dumps([TINY_VISION, TINY_TEMPLATE, TINY_SPLIT, TINY_PRETRAIN, rl.GAME_RULES, steps])
     text += "".join(code_text(obj) for obj in code)
@@ -354,8 +353,15 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3000, help="describing steps (0: untrained)")
     parser.add_argument("--check", action="store_true", help="only say if --out is up to date")
     a = parser.parse_args(argv)
+    recorded = os.path.join(a.out, "recipe.json")
+    if os.path.exists(a.out) and not os.path.isfile(recorded):  # never delete another folder
+        parser.error(f"--out {a.out} exists and is not a folder this recipe built (no recipe.json)")
     if a.check:
-        with open(os.path.join(a.out, "recipe.json")) as f:
+        if not os.path.isfile(recorded):
+            parser.error(
+                f"--out {a.out} holds no model yet: build it with python build_tiny_llava.py"
+            )
+        with open(recorded) as f:
             built = json.load(f)
         now = recipe_key(built["steps"])
         print(f"{a.out}: built with key {built['key']}, the recipe's key is now {now}")
@@ -363,11 +369,16 @@ def main(argv=None):
     t0, key = time.time(), recipe_key(a.steps)  # the code as it is now, before it runs
     parent = os.path.dirname(os.path.abspath(a.out))
     tmp = tempfile.mkdtemp(dir=parent, prefix=".building-")
+    os.chmod(tmp, 0o755)  # a folder like any other (mkdtemp makes it private)
     print(f"building the tiny model ({a.steps} steps) in {tmp}, then moving it to {a.out}")
-    readout = pretrain_tiny(build_tiny_model(tmp, TINY_PRETRAIN["seed"]), a.steps)
-    write_card(tmp, key, a.steps, readout, time.time() - t0)
-    shutil.rmtree(a.out, ignore_errors=True)
-    os.replace(tmp, a.out)  # whole or not at all: an interrupted build leaves the old folder
+    try:
+        readout = pretrain_tiny(build_tiny_model(tmp, TINY_PRETRAIN["seed"]), a.steps)
+        write_card(tmp, key, a.steps, readout, time.time() - t0)
+    except BaseException:
+        shutil.rmtree(tmp)  # a failed or interrupted build leaves the old folder as it was
+        raise
+    shutil.rmtree(a.out, ignore_errors=True)  # the old folder goes only once the new one is whole
+    os.replace(tmp, a.out)
     print(f"built {a.out} in {time.time() - t0:.0f} s: read-out {readout}")
 
 

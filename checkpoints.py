@@ -35,6 +35,10 @@ def resumed_args(args, given):
         )
     with open(meta_path) as f:
         saved = json.load(f)["args"]
+    gone = set(saved) - {field.name for field in dataclasses.fields(args)}
+    if gone:
+        fail(f"--resume {args.resume!r} was written by an older rl4vlm_min.py (its settings "
+             f"{sorted(gone)} are gone); start a new run")  # fmt: skip
     for key in RESUME_FIXED:
         if key in given and getattr(args, key) != saved[key]:
             fail(

@@ -38,8 +38,9 @@ def check_finite(name, tensor, where):
 # flags that were removed, and what replaced them
 REMOVED = {
     "--minibatch-size": "--num-minibatches (the batch is split into that many minibatches)",
-    "--pretrain-steps": "python build_tiny_llava.py --steps (the tiny model is a folder now)",
-    "--rebuild-tiny": "python build_tiny_llava.py (the tiny model is a folder now)",
+    "--pretrain-steps": "python build_tiny_llava.py --steps N --out DIR, then --model DIR (the "
+    "tiny model is the folder tiny-llava/)",
+    "--rebuild-tiny": "python build_tiny_llava.py (the tiny model is the folder tiny-llava/)",
 }
 
 
@@ -66,7 +67,8 @@ def parse_cli(config_class, argv):
 
 def check_args(args, eval_seed):
     """Every value in range, or one line that says which flag to change (exit status 2).
-    Training envs take seeds seed * 1000 + i, all below `eval_seed`, where evaluation's start."""
+    Training envs take seeds seed * 1000 + i, all below `eval_seed`, where evaluation's seeds
+    start."""
     last_seed = (eval_seed - WORLD * args.num_envs) // 1000
     checks = [
         (args.learning_rate > 0 and args.sft_lr > 0, "learning rates must be > 0"),
@@ -88,6 +90,7 @@ def check_args(args, eval_seed):
         (min(args.lora_rank, args.sft_steps) >= 0, "--lora-rank, --sft-steps must be >= 0"),
         (args.max_new_tokens > 0, "--max-new-tokens must be > 0"),
         (args.eval_episodes > 0, "--eval-episodes must be > 0"),
+        (args.sft_readout_steps >= -1, "--sft-readout-steps must be >= 0, or -1 (half of SFT)"),
         (
             0 <= args.seed <= last_seed,
             f"--seed must be in 0..{last_seed}: training envs take seeds seed * 1000 + i, "
@@ -142,7 +145,7 @@ def tiny_folder(path):
     """The embedded model's folder, or what to do if it is missing."""
     if not os.path.isfile(os.path.join(path, "config.json")):
         fail(f"the embedded model's folder {path} is missing or incomplete; restore it with "
-             "'git checkout tiny-llava' or rebuild it: python build_tiny_llava.py")  # fmt: skip
+             "'git checkout -- tiny-llava' or rebuild it: python build_tiny_llava.py")  # fmt: skip
     return path
 
 

@@ -39,11 +39,6 @@ def stop_workers():
         dist.destroy_process_group()
 
 
-def barrier():
-    if WORLD > 1:
-        dist.barrier()
-
-
 def average_gradients(params):
     """After each worker's backward: every worker holds the mean of all workers' gradients, so all
     take the same optimizer step and the weights stay identical (as DistributedDataParallel)."""

@@ -397,7 +397,7 @@ class Policy(nn.Module):
         holds the first character of the last "action": key (character offsets, no token ids)."""
         decode = lambda ids: self.processor.tokenizer.decode(ids, skip_special_tokens=True)
         text = decode(answer_ids)  # the key found case-blind in this text (lower() can lengthen it)
-        keys = re.finditer(re.escape(ACTION_KEY), text, re.IGNORECASE)
+        keys = re.finditer(re.escape(ACTION_KEY), text, re.IGNORECASE | re.ASCII)  # as the parser
         start = max((key.start() for key in keys), default=-1)
         weights = [self.thought_coef] * len(answer_ids)
         if start < 0:
@@ -694,8 +694,8 @@ def sft_warm_start(policy, args, rng):
     env, tok = envs.TASKS[args.task](), policy.processor.tokenizer
     params = set_trainable(policy, args, "sft")
     optimizer = torch.optim.Adam(params, lr=args.sft_lr)
-    frames, prompts, infos = held_out_states(policy, args, args.seed + 10**6, 16)
-    check = frames, prompts, [thought_text(args.task, i) for i in infos]  # can the model see?
+    check = held_out_states(policy, args, args.seed + 10**6, 16)  # states SFT does not train on
+    check = (*check[:2], [thought_text(args.task, i) for i in check[2]])  # can the model see?
     policy.train()
     for step in range(1, args.sft_steps + 1):
         # the pretrained tiny model reads already: read-out steps first help an untrained one only

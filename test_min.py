@@ -778,7 +778,7 @@ def test_critic_reads_the_state_not_the_answer(tiny):
     assert torch.allclose(v[0], v[1]) and torch.allclose(v[0], values[:1], atol=1e-5)
 
 
-# ---- THE TINY MODEL'S PRETRAINING: its targets, both stages, the cache ----
+# ---- THE TINY MODEL: its recipe's targets and stages, the shipped folder, the recipe's key ----
 def test_vision_probe_targets_name_each_card_at_its_patch():
     grid = B.TINY_VISION["image_size"] // B.TINY_VISION["patch_size"]
     env = points(Points24, [12, 1, 10, 7])  # Q A 10 7: values 10, 1, 10, 7 from left to right
@@ -829,7 +829,9 @@ def test_shipped_tiny_model_was_built_by_the_current_recipe():
     with open(os.path.join(R.TINY_MODEL, "recipe.json")) as f:
         built = json.load(f)
     assert built["key"] == B.recipe_key(built["steps"]), (
-        "the recipe changed since tiny-llava/ was built: run python build_tiny_llava.py"
+        "the recipe changed since tiny-llava/ was built: run python build_tiny_llava.py (or, on "
+        f"Python {sys.version.split()[0]}, not the {built['versions']['python']} that built it, "
+        "the syntax tree the key hashes may be written out differently)"
     )
     assert built["steps"] == 3000 and built["torch_threads"] == 1
     card = open(os.path.join(R.TINY_MODEL, "README.md")).read()
@@ -904,7 +906,7 @@ def _plus_two(x):
 
 def test_tiny_model_key_reads_the_code_not_its_comments():
     """The key hashes each function's syntax tree without docstrings: a comment, a docstring or a
-    layout edited keeps the cached model; a change of what the code does makes a new one."""
+    layout edited keeps the recipe's key; a change of what the code does changes it."""
     text = lambda f: B.code_text(f).replace(f.__name__, "f")  # noqa: E731
     assert text(_plus_one) == text(_plus_one_rewritten)
     assert text(_plus_one) != text(_plus_two)
@@ -1056,11 +1058,22 @@ def test_sft_readout_steps_minus_one_is_half_of_the_games_sft():
     assert R.parse_args(["--task", "ezpoints", "--sft-readout-steps", "7"]).sft_readout == 7
 
 
-def test_training_seeds_stay_below_the_evaluation_seeds():
-    for seed in (0, 1, 999):
-        args = R.parse_args(["--seed", str(seed)])
-        train_seeds = [seed * 1000 + i for i in range(args.num_envs)]
-        assert max(train_seeds) < R.EVAL_SEED
+def test_training_seeds_stay_below_the_evaluation_seeds(monkeypatch):
+    """The largest --seed that parse_args accepts still gives training envs (the seeds ppo_loop
+    hands to new_envs) below the first evaluation seed; one more is refused."""
+    seen = []
+
+    def spy(args, seeds):
+        seen.extend(seeds)
+        raise StopIteration  # stop ppo_loop right there
+
+    monkeypatch.setattr(R, "new_envs", spy)
+    for argv in (["--seed", "999"], ["--seed", "499", "--num-envs", "1000"]):
+        with pytest.raises(StopIteration):
+            R.ppo_loop(None, None, R.parse_args(argv), None, None)
+    assert seen and max(seen) < R.EVAL_SEED
+    with pytest.raises(SystemExit):
+        R.parse_args(["--seed", "999", "--num-envs", "1001"])
 
 
 def test_setup_line_gives_the_vlm_and_the_value_head_apart(tmp_path, capsys):
@@ -1636,7 +1649,7 @@ def test_torchrun_two_workers_keep_identical_weights_and_resume(tmp_path):
         "metrics.jsonl",
         "sft_model",
         "summary.json",
-    ]  # the tiny model itself is in the cache
+    ]  # the tiny model itself is tiny-llava/, not in the run
     single = run_cli(
         "--resume", str(out), timeout=300
     )  # resuming with another worker count is refused

@@ -3,7 +3,7 @@
 # command on this machine's CPU (2 threads, pinned), and the tests that train through the CLI.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site RL4VLM_MIN_CACHE=$PWD/.carry/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 { nvidia-smi -L; nproc; lscpu | grep 'Model name'; python3 -c "import torch, transformers,
 gymnasium; print(torch.__version__, transformers.__version__, gymnasium.__version__,
 torch.cuda.get_device_name())"; } > $OUT/env.txt 2>&1
