@@ -1058,7 +1058,7 @@ def test_sft_readout_steps_minus_one_is_half_of_the_games_sft():
     assert R.parse_args(["--task", "ezpoints", "--sft-readout-steps", "7"]).sft_readout == 7
 
 
-def test_training_seeds_stay_below_the_evaluation_seeds(monkeypatch):
+def test_training_seeds_stay_below_the_evaluation_seeds(monkeypatch, capsys):
     """The largest --seed that parse_args accepts still gives training envs (the seeds ppo_loop
     hands to new_envs) below the first evaluation seed; one more is refused."""
     seen = []
@@ -1068,12 +1068,14 @@ def test_training_seeds_stay_below_the_evaluation_seeds(monkeypatch):
         raise StopIteration  # stop ppo_loop right there
 
     monkeypatch.setattr(R, "new_envs", spy)
-    for argv in (["--seed", "999"], ["--seed", "499", "--num-envs", "1000"]):
+    wide = ["--num-steps", "1", "--total-steps", "2000"]  # 1,000 envs, one batch
+    for argv in (["--seed", "999"], ["--seed", "499", "--num-envs", "1000", *wide]):
         with pytest.raises(StopIteration):
             R.ppo_loop(None, None, R.parse_args(argv), None, None)
     assert seen and max(seen) < R.EVAL_SEED
     with pytest.raises(SystemExit):
-        R.parse_args(["--seed", "999", "--num-envs", "1001"])
+        R.parse_args(["--seed", "999", "--num-envs", "1001", *wide])
+    assert "--seed must be in 0..998" in capsys.readouterr().err
 
 
 def test_setup_line_gives_the_vlm_and_the_value_head_apart(tmp_path, capsys):
