@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import transformers
 
+import checks
 import envs
 import rl4vlm_min as rl
 from report import readout_accuracy
@@ -293,7 +294,8 @@ def recipe_key(steps):
     code = [envs, tiny_tokenizer, tiny_corpus, build_tiny_model, pretrain_tiny, pretrain_vision,
             patch_values, pretrain_describe, rl.build_prompt, rl.chat_prompt, rl.task_prompts,
             rl.thought_text, rl.answer_text, rl.sft_answers, rl.load_model, rl.Policy.__init__,
-            rl.Policy.encode_prompts, rl.Policy.score, rl.Policy.hidden_states]  # fmt: skip
+            rl.Policy.encode_prompts, rl.Policy.score, rl.Policy.hidden_states,
+            checks.output_logits]  # fmt: skip
     text = json.dumps([TINY_VISION, TINY_TEMPLATE, TINY_SPLIT, TINY_PRETRAIN, rl.GAME_RULES, steps])
     text += "".join(code_text(obj) for obj in code)
     return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -188,18 +188,26 @@ def restore_checkpoint(policy, optimizer, vec, args, rng, generator):
 
 # ---- THE FINAL MODEL: a plain checkpoint that --model loads, and the value head ----
 def merge_lora(vlm):
-    for name, module in list(vlm.named_modules()):
-        if hasattr(module, "lora_A"):  # a LoRALinear: B A folded into the base layer's weight
-            base = module.base
-            with torch.no_grad():
-                delta = module.scale * module.lora_B @ module.lora_A
-                base.weight += delta.to(base.weight.dtype)
-            parent_name, _, child = name.rpartition(".")
-            setattr(vlm.get_submodule(parent_name), child, base)
+    """Each adapter folded into its base layer's weight: W + scale * B A, in fp32. A model with
+    adapters over lower-precision weights becomes fp32 first: added into bf16 weights, a change
+    below about 0.4% of a weight would round away, and the saved model would not be the policy
+    that was evaluated (the adapters' fp32 output added to the bf16 layer's)."""
+    adapters = [(name, m) for name, m in vlm.named_modules() if hasattr(m, "lora_A")]
+    if adapters:
+        vlm.float()  # and every config says so (save_pretrained updates the top one only)
+        for config in (vlm.config, *(getattr(vlm.config, k) for k in vlm.config.sub_configs)):
+            config.dtype = torch.float32
+    for name, module in adapters:
+        base = module.base
+        with torch.no_grad():
+            base.weight += module.scale * module.lora_B @ module.lora_A
+        parent_name, _, child = name.rpartition(".")
+        setattr(vlm.get_submodule(parent_name), child, base)
 
 
 def save_final_model(policy, path):
-    """LoRA merged into the weights, saved as a plain checkpoint (--model path) + the value head."""
+    """A plain checkpoint of the evaluated policy (--model path) + the value head: LoRA merged in
+    fp32 and saved in fp32; without LoRA, the weights as trained, in the model's dtype."""
     from safetensors.torch import save_file
 
     merge_lora(policy.vlm)

@@ -195,11 +195,96 @@ def sampling_config(policy, greedy, max_new_tokens):
     )  # fmt: skip
 
 
+# ---- ONE SCORING FUNCTION: the logits the model's own forward computes, and no dropout in RL ----
+def logit_transforms(config):
+    """What a family's forward may do to its output layer's logits, named by its config: Gemma 2's
+    soft-cap (cap * tanh(logits / cap)), a logit scale (Cohere multiplies by logit_scale, Granite
+    divides by logits_scaling, HyperCLOVA X multiplies). Which one a model applies, if any, is
+    measured by check_scoring (Gemma 3's config names a soft-cap that its forward never applies)."""
+    text = config.get_text_config()
+    out = {"none": None}
+    cap = getattr(text, "final_logit_softcapping", None)
+    if cap:
+        out["soft-cap"] = lambda logits: cap * torch.tanh(logits / cap)
+    for name in ("logit_scale", "logits_scaling"):
+        value = getattr(text, name, None)
+        if isinstance(value, (int, float)) and value:
+            out[f"times {name}"] = lambda logits, v=value: logits * v
+            out[f"divided by {name}"] = lambda logits, v=value: logits / v
+    return out
+
+
+def output_logits(vlm, hidden):
+    """The output layer on final hidden states (..., H) -> fp32 logits (..., V), then the transform
+    the model's own forward applies (check_scoring finds it), so that score() scores exactly the
+    distribution generate() samples from."""
+    logits = vlm.get_output_embeddings()(hidden).float()
+    transform = getattr(vlm, "logit_transform", None)
+    return logits if transform is None else transform(logits)
+
+
+def probe_batch(policy):
+    """One black frame and a one-line prompt in the model's chat template: a test input."""
+    import numpy as np
+
+    content = [{"type": "image"}, {"type": "text", "text": "What do you see?"}]
+    messages = [{"role": "user", "content": content}]
+    text = policy.processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
+    return policy.encode_prompts([np.zeros((FRAME, FRAME, 3), np.uint8)], [text])
+
+
+@torch.no_grad()
+def check_scoring(policy):
+    """Which logit transform the model's forward applies, measured on a probe and kept for
+    output_logits; a model whose forward computes other logits is refused: score() would score
+    another distribution than generate() samples from, and PPO would be off-policy."""
+    batch, was_training = probe_batch(policy), policy.training
+    policy.eval()
+    ids, mask = batch.pop("input_ids"), batch.pop("attention_mask")
+    own = policy.vlm(input_ids=ids, attention_mask=mask, use_cache=False, **batch).logits[:, -1]
+    hidden = policy.hidden_states(ids, mask, batch)[:, -1]
+    raw = policy.vlm.get_output_embeddings()(hidden).float()
+    policy.train(was_training)
+    own, transforms = own.float(), logit_transforms(policy.vlm.config)
+    gaps = {n: (own - (f(raw) if f else raw)).abs().max().item() for n, f in transforms.items()}
+    name = min(gaps, key=gaps.get)
+    tolerance = 1e-4 if policy.vlm.dtype == torch.float32 else 2e-2  # the dtype's rounding
+    if not gaps[name] <= tolerance * max(own.abs().max().item(), 1.0):
+        kind = policy.vlm.config.model_type
+        fail(f"the model type {kind!r} transforms its logits in a way score() does not know "
+             f"(smallest difference {gaps[name]:.3g}); this file cannot train it")  # fmt: skip
+    policy.vlm.logit_transform = transforms[name]
+    if name != "none":
+        print(f"note: this model's forward applies a {name} to its logits: so does score()")
+
+
 def dropout_off(policy):
-    """Every dropout to 0 (nn.Dropout and attention dropout): the rollout scores the old log-probs
-    in eval mode, the update in train mode, and both must be the same function."""
-    for m in policy.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        if isinstance(getattr(m, "attention_dropout", None), float):
-            m.attention_dropout = 0.0
+    """Every dropout probability to 0 during RL, whatever it is called: nn.Dropout modules, float
+    fields such as attention_dropout or CLIP/SigLIP's `dropout`, and the configs they came from.
+    The rollout scores the old log-probs in eval mode, the update in train mode: both must be the
+    same function. A dropout this misses would make them differ, and the run refuses to start."""
+    configs = [policy.vlm.config]
+    for config in configs:  # the model's config and its sub-configs (text, vision, ...)
+        configs += [
+            v for v in vars(config).values() if isinstance(v, transformers.PretrainedConfig)
+        ]
+    for obj in [*policy.modules(), *configs]:
+        if isinstance(obj, torch.nn.Dropout):
+            obj.p = 0.0
+        for name, value in list(vars(obj).items()):
+            if "dropout" in name.lower() and type(value) in (int, float) and value != 0:
+                setattr(obj, name, 0.0)
+    with torch.no_grad():
+        batch, was_training = probe_batch(policy), policy.training
+        ids, mask = batch.pop("input_ids"), batch.pop("attention_mask")
+        states = []
+        for train in (True, False):
+            policy.train(train)
+            states.append(policy.hidden_states(ids, mask, dict(batch)))
+        policy.train(was_training)
+    if not torch.equal(*states):
+        fail("the model computes differently in train and eval mode with every dropout set to 0 "
+             "(a dropout or train-only path this file cannot switch off): the PPO ratio would not "
+             "start at 1; this model type is not supported")  # fmt: skip

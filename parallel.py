@@ -17,12 +17,59 @@ import torch.distributed as dist
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def device_and_dtype():
-    """This worker's GPU in bf16 (where supported) if there is one, else the CPU in fp32."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu"), torch.float32
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def device_and_dtype(name="auto"):
+    """This worker's GPU if there is one, else the CPU; and the model's dtype (--dtype): "auto" is
+    bf16 on a GPU that supports it, else fp32."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else None
+    device = device or torch.device("cpu")
+    if name != "auto":
+        return device, DTYPES[name]
+    return device, torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+
+
+class Adam(torch.optim.Adam):
+    """torch's Adam, plus an fp32 master copy of every trainable weight stored in a lower precision.
+    bf16 keeps 8 significant bits: an update below about 0.4% of a weight (most updates at lr 1e-5)
+    would round away. The model still computes in its own dtype: each step moves the fp32 copy and
+    writes it back rounded, so small updates add up. fp32 weights are stepped as they are."""
+
+    def __init__(self, params, **kwargs):
+        self.weights = list(params)
+        low = [p.dtype != torch.float32 for p in self.weights]
+        self.masters = [p.detach().float() if lo else p for p, lo in zip(self.weights, low)]
+        super().__init__(self.masters, **kwargs)
+
+    def copies(self):  # (weight, its fp32 master) for each weight in a lower precision
+        return [(w, m) for w, m in zip(self.weights, self.masters) if m is not w]
+
+    def zero_grad(self, set_to_none=True):
+        for w in self.weights:
+            w.grad = None
+        super().zero_grad(set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for w, m in self.copies():  # the (averaged, clipped) gradient, in fp32
+            m.grad = None if w.grad is None else w.grad.float()
+        super().step()
+        for w, m in self.copies():
+            w.copy_(m)  # rounded to the model's dtype
+
+    def state_dict(self):  # --resume: the masters too, or bf16 runs would not resume exactly
+        return {**super().state_dict(), "masters": [m.clone() for _, m in self.copies()]}
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        masters = state_dict.pop("masters", [])
+        super().load_state_dict(state_dict)
+        with torch.no_grad():
+            for (w, m), saved in zip(self.copies(), masters):
+                m.copy_(saved)
+                w.copy_(saved)
 
 
 def start_workers(device):
@@ -75,8 +122,10 @@ def trainable_state(policy):
 
 
 def weights_digest(policy):
+    """A hash of the trainable weights' bytes, in any dtype (numpy has no bf16: read raw bytes)."""
     tensors = trainable_state(policy).values()
-    return hashlib.sha1(b"".join(t.numpy().tobytes() for t in tensors)).hexdigest()
+    raw = (t.reshape(-1).view(torch.uint8).numpy().tobytes() for t in tensors)
+    return hashlib.sha1(b"".join(raw)).hexdigest()
 
 
 def check_weights_agree(policy, row):

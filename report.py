@@ -224,7 +224,8 @@ def prompt_shape(policy, frame, prompt):
 # ---- ONE GPU: will training fit, and --dry-run ----
 def memory_estimate(policy, args, batch, shape):
     """Rough training memory in bytes for `batch` sequences per forward/backward. Weights as
-    loaded; gradients and Adam's two moments of the trainable parameters; activations of the
+    loaded; gradients of the trainable parameters, Adam's two moments in fp32 and fp32 copies of
+    those stored in a lower precision (parallel.Adam); activations of the
     language model after Korthikanti et al. 2022 (about 34 bytes per token per hidden unit per
     layer in 16-bit, or 2 with gradient checkpointing plus one layer recomputed), and of the
     vision tower if it trains (its tokens counted as the image tokens); the fp32 logits of the
@@ -232,7 +233,8 @@ def memory_estimate(policy, args, batch, shape):
     text = policy.vlm.config.get_text_config()
     vision = getattr(policy.vlm.config, "vision_config", None)
     elem = next(policy.vlm.parameters()).element_size()  # 2 in bf16, 4 in fp32
-    trainable = sum(p.numel() * p.element_size() for p in policy.parameters() if p.requires_grad)
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    trainable = sum(p.numel() * p.element_size() for p in trained)
     prompt_tokens, image_tokens = shape  # prompt_shape
     seq, h, layers = prompt_tokens + args.max_new_tokens, text.hidden_size, text.num_hidden_layers
 
@@ -250,7 +252,8 @@ def memory_estimate(policy, args, batch, shape):
     est = {
         "weights": sum(p.numel() * p.element_size() for p in policy.parameters()),
         "gradients": trainable,
-        "adam state": 2 * trainable,
+        "adam state (fp32)": 2 * 4 * sum(p.numel() for p in trained),
+        "fp32 copies": 4 * sum(p.numel() for p in trained if p.dtype != torch.float32),
         "activations": activations,
         "logits (fp32)": 3 * batch * args.max_new_tokens * text.vocab_size * 4,
         "KV cache (rollout)": args.num_envs * seq * layers * 2 * kv_heads * head_dim * elem,

@@ -22,26 +22,28 @@ table, baselines, memory estimate, --dry-run). build_tiny_llava.py made the tiny
 Shapes: N envs, S steps per env per update, B batch (samples), P prompt tokens, A answer tokens,
 T = P + A, V vocabulary, H hidden size.
 
-Deviations from the paper, each on purpose (the runs behind them: results/EXPERIMENTS.md):
-- The default model is a 0.5M-parameter LLaVA (tiny-llava/, word-level tokenizer, the image after
-  the text) so the loop runs on a laptop CPU. What a 7B LLaVA brings from its pretraining, its
-  recipe gave it: it reads the four games' frames and answers in their JSON format, at random.
-  Its own defaults: lr 1e-4 or 3e-4, clip 0.2, grad-norm 0.5, 16 envs x 8 steps, all weights
-  train, SFT answers at random in NumberLine and Blackjack. --preset paper restores §2.
+Deviations from the paper, each on purpose (the runs behind them: results/EXPERIMENTS.md).
+--preset paper sets §2 (SFT of every weight at lr 2e-5, then LoRA 128 on every linear layer in RL,
+clip 0.1, one grad-norm clip 0.01, advantages normalised per rollout, ...); these remain in it:
+- SFT answers are drawn fresh, written from the env's oracle (the paper's SFT set is not in this
+  repo): "one epoch" is --sft-steps x --sft-batch-size answers, each seen once.
 - The thoughts end with what the decision turns on: EZPoints' with the formula to write,
   Blackjack's with whether a hit can bust, after the cards and their total (the paper: the total).
-- For the tiny model (not in --preset paper): the value head reads the prompt's mean hidden state,
-  detached and standardized, not its last token's; a KL penalty toward the SFT policy (--kl-coef
-  0.5, exact over the vocabulary) and Adam's beta2 0.99 make bursts of broken answers rarer.
-- Points24 is not discounted (gamma 1, not 0.9; --preset paper keeps 0.9): discounted, a policy
-  that stalls in long formulas beats one that presses "=" (GAME_DEFAULTS says why).
-- The VLM's gradient and the value head's are clipped to --max-grad-norm apart.
-- Truncation (NumberLine's 10 moves, the points games' formula cap) is a loss under these games'
-  rules, so it ends the episode like a termination: nothing bootstraps.
 - RL runs with dropout off (the official code sampled with it on), so the rollout and the update
   score with one function and the first minibatch's ratio is exactly 1.
+- Truncation (NumberLine's 10 moves, the points games' formula cap) is a loss under these games'
+  rules, so it ends the episode like a termination: nothing bootstraps.
+- Trained bf16 weights keep fp32 copies (parallel.Adam); the lr decays to 0, not 1e-9.
 - The official code's defects are not repeated: the thought/action split comes from character
   offsets (not token ids), each sample is re-scored with its own prompt, and evaluation exists.
+Without the preset, for the tiny model (tiny-llava/: 0.5M parameters, word-level tokenizer, image
+after the text; its recipe taught it to read the four games' frames and answer in their JSON
+format, at random, as a 7B LLaVA's pretraining would): lr 1e-4 or 3e-4, clip 0.2, 16 envs x 8
+steps, all weights train; SFT answers at random in NumberLine and Blackjack; the value head reads
+the prompt's mean hidden state, detached and standardized (not its last token's); a KL penalty
+toward the SFT policy (--kl-coef 0.5, exact over the vocabulary) and Adam's beta2 0.99 make bursts
+of broken answers rarer; the two gradients are clipped to 0.5 apart; advantages are normalised per
+minibatch; Points24 is undiscounted (gamma 1: at 0.9 stalling in long formulas beat pressing "=").
 """
 
 import copy
@@ -101,10 +103,14 @@ class Args:
     num_minibatches: int = arg(4, "optimizer steps per epoch: the batch split into this many")
     micro_batch_size: int = arg(32, "samples per forward/backward (gradient accumulation)")
     clip_coef: float = arg(0.2, "PPO clip range of the ratio and of the value")
+    adv_norm: Literal["minibatch", "rollout"] = arg(
+        "minibatch", "normalise the advantages per minibatch, or once per rollout (the paper)"
+    )
     ent_coef: float = arg(0.0, "entropy bonus (mean per answer token)")
     kl_coef: float = arg(0.5, "KL(policy || SFT policy) per answer token (0: off, the paper)")
     vf_coef: float = arg(0.5, "value-loss coefficient")
-    max_grad_norm: float = arg(0.5, "global gradient-norm clip")
+    max_grad_norm: float = arg(0.5, "gradient-norm clip of the VLM's and the value head's")
+    grad_clip: Literal["apart", "joint"] = arg("apart", "clip the two gradients apart or as one")
     adam_beta2: float = arg(0.99, "Adam's second-moment decay in RL (torch and the paper: 0.999)")
     # model
     value_input: Literal["mean", "last"] = arg(
@@ -118,6 +124,9 @@ class Args:
     )
     lora_in_sft: bool = arg(False, "add LoRA before SFT, so SFT trains the adapters only")
     gradient_checkpointing: bool = arg(False, "recompute activations: less memory, more compute")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg(
+        "auto", "the VLM's dtype; auto: bf16 on a GPU that has it, else fp32 (trained: fp32 copies)"
+    )
     # SFT warm start
     sft_steps: int = arg(500, "supervised warm-start steps before RL (0 = none)")
     sft_batch_size: int = arg(16, "answers per SFT step")
@@ -151,13 +160,14 @@ GAME_DEFAULTS = {
         sft_oracle_prob=0.0, sft_steps=2000, sft_lr=3e-4, learning_rate=3e-4, eval_episodes=1000
     ),
 }
-# §2 of the paper; steps per update 512 (NumberLine, Blackjack) or 1024, in minibatches of 128
+# §2 of the paper; steps per update 512 (NumberLine, Blackjack) or 1024, in minibatches of 128.
+# Full SFT of a 7B model in bf16 needs about 112 GB (fp32 copies and Adam): or add --lora-in-sft
 PAPER_PRESET = dict(
-    temperature=0.2, thought_coef=0.5, clip_coef=0.1, gamma=0.9, gae_lambda=0.95,
-    update_epochs=4, max_grad_norm=0.01, learning_rate=1e-5, lora_rank=128, lora_alpha=256.0,
-    lora_dropout=0.05, lora_targets="all-linear", micro_batch_size=4, max_new_tokens=256,
-    total_steps=15000, num_envs=4, ent_coef=0.0, lora_in_sft=True, gradient_checkpointing=True,
-    value_input="last", kl_coef=0.0, adam_beta2=0.999,
+    temperature=0.2, thought_coef=0.5, clip_coef=0.1, gamma=0.9, gae_lambda=0.95, update_epochs=4,
+    max_grad_norm=0.01, learning_rate=1e-5, lora_rank=128, lora_alpha=256.0, lora_dropout=0.05,
+    lora_targets="all-linear", micro_batch_size=4, max_new_tokens=256, total_steps=15000,
+    num_envs=4, ent_coef=0.0, gradient_checkpointing=True, value_input="last", kl_coef=0.0,
+    adam_beta2=0.999, sft_lr=2e-5, lora_in_sft=False, adv_norm="rollout", grad_clip="joint",
 )  # fmt: skip
 
 
@@ -261,11 +271,8 @@ def parse_action(text, action_names, rng=None):
     start = text.rfind(ACTION_KEY)
     if start >= 0:
         tail = text[start + len(ACTION_KEY) :]
-        named = [
-            i
-            for i, name in enumerate(action_names)
-            if re.search(rf"(?<![0-9a-z]){re.escape(name.lower())}(?![0-9a-z])", tail)
-        ]
+        whole = [rf"(?<![0-9a-z]){re.escape(name.lower())}(?![0-9a-z])" for name in action_names]
+        named = [i for i, pattern in enumerate(whole) if re.search(pattern, tail)]
         if len(named) == 1:
             return named[0], True
     rng = rng if rng is not None else np.random.default_rng()
@@ -430,7 +437,8 @@ class Policy(nn.Module):
                 zeros = torch.zeros_like(answer_ids).to(batch[key].dtype)
                 batch[key] = torch.cat([batch[key], zeros], 1)
         hidden = self.hidden_states(input_ids, attention_mask, batch, vlm)  # (B, T, H)
-        logits = vlm.get_output_embeddings()(hidden[:, P - 1 : -1]).float() / temperature  # (B,A,V)
+        # the output layer, then any soft-cap or scale the family's forward applies (checks.py)
+        logits = checks.output_logits(vlm, hidden[:, P - 1 : -1]) / temperature  # (B, A, V)
         if self.banned:
             logits[..., self.banned] = -torch.inf
         logp = logits.log_softmax(-1)  # (B, A, V)
@@ -446,10 +454,8 @@ class Policy(nn.Module):
         generate() does (M-RoPE models build their 3-D positions from the image grid)."""
         vlm = self.vlm if vlm is None else vlm
         positions = None if vlm.mrope else (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        out = vlm.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-            use_cache=False, **extra,
-        )  # fmt: skip
+        out = vlm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                        use_cache=False, **extra)  # fmt: skip
         return out.last_hidden_state
 
     def state_value(self, hidden, prompt_mask):
@@ -490,8 +496,7 @@ class Sample:
 
 
 def act(policy, task, infos, frames, args, rng, greedy=False):
-    """Observe -> prompt -> one batched generate -> parse: actions, parsed, prompts, answers and
-    texts."""
+    """Observe, prompt, one batched generate, parse: actions, parsed, prompts, answers, texts."""
     prompts = task_prompts(policy.processor, task, infos, args.cot)
     answers = policy.generate(frames, prompts, greedy, args.max_new_tokens)
     texts = [policy.processor.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
@@ -544,11 +549,9 @@ def rollout(policy, vec, args, rng, episodes, update=0):
             vec["obs"][i], vec["infos"][i] = obs, info
     next_prompts = task_prompts(policy.processor, args.task, vec["infos"], args.cot)
     next_value = policy.value(vec["obs"], next_prompts).cpu()  # (N,) bootstrap V(s_S)
-    return dict(
-        samples=samples, logprobs=logprobs, values=values, rewards=rewards, dones=dones,
-        next_value=next_value, format_error_rate=parse_fails / (S * N),
-        readout_acc=readouts / (S * N), gallery=gallery[:3],
-    )  # fmt: skip
+    return dict(samples=samples, logprobs=logprobs, values=values, rewards=rewards, dones=dones,
+                next_value=next_value, format_error_rate=parse_fails / (S * N),
+                readout_acc=readouts / (S * N), gallery=gallery[:3])  # fmt: skip
 
 
 # ---- GAE ----
@@ -587,6 +590,8 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
     b_samples = data["samples"]  # B samples, t-major like .reshape(-1)
     b_logprobs, b_values = data["logprobs"].reshape(-1), data["values"].reshape(-1)  # (B,)
     b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)  # (B,)
+    if args.adv_norm == "rollout" and args.batch_size > 1:  # once per rollout (official code)
+        b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-8)
     actor = [p for p in policy.vlm.parameters() if p.requires_grad]
     critic = list(policy.value_head.parameters())
     keys = ("pg_loss", "v_loss", "entropy", "kl_ref", "approx_kl", "clipfrac", "grad_norm")
@@ -598,7 +603,7 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
         b_inds = torch.randperm(args.batch_size, generator=generator)
         for mb_inds in b_inds.tensor_split(args.num_minibatches):
             mb_advantages = b_advantages[mb_inds]
-            if len(mb_inds) > 1:  # per-minibatch normalisation (a minibatch of 1 has no spread)
+            if args.adv_norm == "minibatch" and len(mb_inds) > 1:  # (a minibatch of 1: no spread)
                 std = mb_advantages.std() + 1e-8
                 mb_advantages = (mb_advantages - mb_advantages.mean()) / std
             optimizer.zero_grad()
@@ -607,9 +612,8 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
                 batch = [b_samples[i] for i in inds]
                 frames, prompts = [s.frame for s in batch], [s.prompt for s in batch]
                 answers, weights = [s.answer for s in batch], [s.weights for s in batch]
-                newlogprob, newvalue, entropy, newlogp = policy.score(
-                    frames, prompts, answers, weights
-                )
+                scored = policy.score(frames, prompts, answers, weights)
+                newlogprob, newvalue, entropy, newlogp = scored  # (B,) x 3, (B, A, V)
                 newlogprob, newvalue, entropy = newlogprob.cpu(), newvalue.cpu(), entropy.cpu()
                 checks.check_finite("the log-probability", newlogprob, where)
                 checks.check_finite("the value", newvalue, where)
@@ -642,8 +646,8 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
             parallel.average_gradients(actor + critic)  # torchrun: the mean over workers
             # clipped apart: clipped together, the value loss's larger gradient shrank the
             # policy's step (at NumberLine's RL start: norm 4.2 on the value head, 1.7 on the VLM)
-            grad_norm = nn.utils.clip_grad_norm_(actor, args.max_grad_norm)
-            nn.utils.clip_grad_norm_(critic, args.max_grad_norm)
+            groups = [actor, critic] if args.grad_clip == "apart" else [actor + critic]
+            grad_norm = [nn.utils.clip_grad_norm_(g, args.max_grad_norm) for g in groups][0]
             checks.check_finite("the gradient norm", grad_norm, where)
             stats["grad_norm"].append(grad_norm.item())
             optimizer.step()
@@ -693,7 +697,7 @@ def held_out_states(policy, args, seed, n):
 def sft_warm_start(policy, args, rng):
     env, tok = envs.TASKS[args.task](), policy.processor.tokenizer
     params = set_trainable(policy, args, "sft")
-    optimizer = torch.optim.Adam(params, lr=args.sft_lr)
+    optimizer = parallel.Adam(params, lr=args.sft_lr)  # torch's Adam, fp32 copies of bf16 weights
     check = held_out_states(policy, args, args.seed + 10**6, 16)  # states SFT does not train on
     check = (*check[:2], [thought_text(args.task, i) for i in check[2]])  # can the model see?
     policy.train()
@@ -743,10 +747,9 @@ def evaluate(policy, args, greedy, rng):
                 obs, reward, terminated, truncated, info = group[i].step(action)
                 state[i] = [obs, info, state[i][2] + reward, terminated or truncated]
         returns += [total for _, _, total, _ in state]
-    return dict(
-        success=float(np.mean([r > 0 for r in returns])), mean_return=float(np.mean(returns)),
-        format_error_rate=fails / steps, readout_acc=readouts / steps,
-    )  # fmt: skip
+    success = float(np.mean([r > 0 for r in returns]))
+    return dict(success=success, mean_return=float(np.mean(returns)),
+                format_error_rate=fails / steps, readout_acc=readouts / steps)  # fmt: skip
 
 
 # ---- TRAIN: SFT warm start, evaluate, PPO, evaluate again ----
@@ -758,7 +761,7 @@ def setup(args):
     torch.manual_seed(seed)  # weights of new layers, sampling in generate
     rng = np.random.default_rng(seed)  # parser fallback, SFT data, evaluation
     generator = torch.Generator().manual_seed(seed)  # minibatch shuffling
-    device, dtype = parallel.device_and_dtype()  # a GPU in bf16 if there is one, else the CPU
+    device, dtype = parallel.device_and_dtype(args.dtype)  # a GPU if there is one, else the CPU
     parallel.start_workers(device)  # torchrun: join the other workers
     checkpoints.make_output_dir(args)
     model_path = checkpoints.resumed_model(args)  # a resumed run's SFT model, if it saved one
@@ -766,6 +769,7 @@ def setup(args):
     if args.gradient_checkpointing:
         vlm.activation_checkpointing_enable()  # every decoder layer recomputed in the backward
     policy = Policy(vlm, processor, args.temperature, args.thought_coef, args.value_input)
+    checks.check_scoring(policy)  # score()'s logits are the model's own forward's, or refuse
     parallel.broadcast_weights(policy)  # torchrun: the value head starts the same everywhere
     frame, info = envs.TASKS[args.task]().reset(seed=0)  # a first prompt: its length in tokens
     prompt = task_prompts(processor, args.task, [info], args.cot)[0]
@@ -817,7 +821,7 @@ def start_rl(policy, args):
     # 0.1 / sqrt(0.001) = 3.2 learning rates in one step; with 0.99 by 1 (a lagging RMS let
     # NumberLine's broken-answer bursts start: results/EXPERIMENTS.md §19-20).
     betas = (0.9, args.adam_beta2)
-    return torch.optim.Adam(params, lr=args.learning_rate, betas=betas, eps=1e-5)
+    return parallel.Adam(params, lr=args.learning_rate, betas=betas, eps=1e-5)  # fp32 copies
 
 
 def ppo_loop(policy, optimizer, args, rng, generator):
@@ -826,19 +830,16 @@ def ppo_loop(policy, optimizer, args, rng, generator):
     vec = new_envs(args, seeds)
     first_update, episodes, history = 1, [], []
     if args.resume:  # weights, optimizer, every RNG, the envs, the episodes and metrics so far
-        first_update, episodes, history = checkpoints.restore_checkpoint(
-            policy, optimizer, vec, args, rng, generator
-        )
+        restored = checkpoints.restore_checkpoint(policy, optimizer, vec, args, rng, generator)
+        first_update, episodes, history = restored
     for update in range(first_update, args.num_updates + 1):
         t_update = time.time()
         lr = 0.5 * args.learning_rate * (1 + math.cos(math.pi * (update - 1) / args.num_updates))
         for group in optimizer.param_groups:  # cosine decay to 0
             group["lr"] = lr
         data = rollout(policy, vec, args, rng, episodes, update)
-        advantages, returns = compute_gae(
-            data["rewards"], data["values"], data["dones"], data["next_value"],
-            args.gamma, args.gae_lambda,
-        )  # fmt: skip
+        gae_input = (data["rewards"], data["values"], data["dones"], data["next_value"])
+        advantages, returns = compute_gae(*gae_input, args.gamma, args.gae_lambda)
         stats = ppo_update(policy, optimizer, data, advantages, returns, args, generator, update)
         # success and return of the last 100 episodes, rates and losses: all workers' mean
         row = report.update_row(args, update, lr, episodes, data, stats, t_update)
@@ -846,9 +847,8 @@ def ppo_loop(policy, optimizer, args, rng, generator):
         history.append(row)
         report.log_update(args, row, data["gallery"][0])  # metrics.jsonl and one line
         if (args.save_every and update % args.save_every == 0) or update == args.num_updates:
-            checkpoints.save_checkpoint(
-                policy, optimizer, vec, args, rng, generator, episodes, update
-            )
+            checkpoints.save_checkpoint(policy, optimizer, vec, args, rng, generator, episodes,
+                                        update)  # fmt: skip
     return history
 
 

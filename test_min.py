@@ -668,23 +668,46 @@ PAPER_TINY = [
 ]
 
 
-def test_paper_preset_trains_lora_in_sft_and_rl_with_ratio_one_every_update(tmp_path, capsys):
-    """--preset paper: LoRA (dropout 0.05) added before SFT; both phases train the adapters only; the first
-    minibatch's ratio is 1 on update 2 too, when the adapters are no longer zero."""
+def test_paper_preset_restores_the_papers_sft_and_ratio_is_one_every_update(tmp_path, capsys):
+    """--preset paper (§2): SFT trains every weight at lr 2e-5, LoRA (on every linear layer) comes
+    before RL and RL trains the adapters and the value head; advantages normalised once per
+    rollout, one gradient clip over both. The first minibatch's ratio is 1 on update 2 too, when
+    the adapters are no longer zero."""
+    args = R.parse_args(["--preset", "paper"])
+    assert (args.sft_lr, args.lora_in_sft, args.adv_norm, args.grad_clip) == (
+        2e-5, False, "rollout", "joint"
+    )  # fmt: skip
     R.main([*PAPER_TINY, "--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "SFT trains" in out and "RL trains" in out and out.count("LoRA rank 8 adapters") == 2, (
-        out
-    )
     sft_line = next(line for line in out.splitlines() if line.startswith("SFT trains"))
-    assert int(sft_line.split()[2].replace(",", "")) < 0.5 * 533_888, (
-        sft_line
-    )  # adapters, not every weight
+    rl_line = next(line for line in out.splitlines() if line.startswith("RL trains"))
+    assert "every weight" in sft_line and "LoRA rank 8 adapters" in rl_line, out
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # dropout left on in the update gave |ratio - 1| = 0.97 and 1.00 here; off: 0 (fp32 batch shapes: ~1e-5)
     assert len(rows) == 2 and all(r["first_ratio_dev"] < 1e-4 for r in rows), [
         r["first_ratio_dev"] for r in rows
     ]
+
+
+def test_advantages_are_normalised_per_rollout_or_per_minibatch(tiny, tmp_path):
+    """--adv-norm rollout (the paper's): one mean and std over the whole batch, so a minibatch keeps
+    its offset; minibatch: every minibatch is centred. Seen through SGD on the policy loss alone:
+    the two differ, and rollout normalisation equals normalising the advantages by hand first."""
+    base = ["--update-epochs", "1", "--num-minibatches", "4", "--micro-batch-size", "4"]
+    base += ["--vf-coef", "0", "--kl-coef", "0", "--grad-clip", "joint", "--max-grad-norm", "1e9"]
+    steps = {}
+    for norm in ("minibatch", "rollout", "none"):
+        args = small_args(tmp_path, *base, "--adv-norm", "rollout" if norm == "none" else norm)
+        data, adv, ret = one_rollout(fresh_policy(tiny), args, np.random.default_rng(0))
+        if norm == "none":  # normalised by hand, then rollout normalisation is the identity
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        policy = fresh_policy(tiny)
+        before = [p.detach().clone() for p in policy.vlm.parameters()]
+        optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.1)
+        R.ppo_update(policy, optimizer, data, adv, ret, args, torch.Generator(), update=1)
+        steps[norm] = [p.detach() - b for p, b in zip(policy.vlm.parameters(), before)]
+    assert not all(torch.allclose(a, b) for a, b in zip(steps["minibatch"], steps["rollout"]))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(steps["rollout"], steps["none"]))
 
 
 def test_notebook_order_trains_what_the_cli_trains(tmp_path):
@@ -1693,3 +1716,261 @@ def test_bench_quick_writes_the_report(tmp_path):
         or line.startswith("| PPO update,")
     ]
     assert len(rates) == 7 and all(r > 0 for r in rates)
+
+
+# ---- LOWER PRECISION: what a bf16 GPU run meets, shown on the CPU in bf16 ----
+def tiny_in(tiny, dtype, lora_rank=0):
+    """The tiny model in `dtype` as RL starts: (policy, args), LoRA added if lora_rank > 0."""
+    processor, vlm = R.load_model(tiny[0], torch.device("cpu"), dtype)
+    torch.manual_seed(0)
+    policy = R.Policy(vlm, processor, 1.0, 0.5)
+    args = R.parse_args(["--lora-rank", str(lora_rank), "--kl-coef", "0"])
+    params = R.set_trainable(policy, args, "rl")
+    return policy, args, params
+
+
+def fixed_batch(policy, n=4):
+    """n NumberLine states and a well-formed answer for each: frames, prompts, answers, weights."""
+    states = [NumberLine().reset(seed=s) for s in range(n)]
+    texts = [R.answer_text("numberline", info, "+", True) for _, info in states]
+    tok = policy.processor.tokenizer
+    answers = [tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id] for t in texts]
+    prompts = prompts_of(policy, "numberline", [i for _, i in states])
+    return [o for o, _ in states], prompts, answers, [policy.token_weights(a) for a in answers]
+
+
+def sft_steps(policy, optimizer, params, batch, n):
+    """n optimizer steps raising the log-prob of the fixed batch's answers."""
+    policy.train()
+    for _ in range(n):
+        optimizer.zero_grad()
+        (-policy.score(*batch)[0].mean()).backward()
+        optimizer.step()
+
+
+def test_bf16_weights_learn_at_lr_1e5_through_fp32_copies(tiny):
+    """bf16 keeps 8 significant bits: Adam's step of about lr = 1e-5 per weight is below half a
+    bf16 step for all but the smallest weights, so torch's Adam on bf16 weights leaves most of
+    them as they were after 30 steps. parallel.Adam steps fp32 copies and writes them back rounded: the small
+    steps add up, most bf16 weights change, and the fp32 copies moved about 30 x 1e-5."""
+    changed = {}
+    for name, make in (("torch", torch.optim.Adam), ("fp32 copies", parallel.Adam)):
+        policy, _, params = tiny_in(tiny, torch.bfloat16)
+        vlm_params = [p for p in params if p.dtype == torch.bfloat16]
+        before = [p.detach().clone() for p in vlm_params]
+        optimizer = make(params, lr=1e-5)
+        sft_steps(policy, optimizer, params, fixed_batch(policy), 30)
+        moved = sum((p != b).sum().item() for p, b in zip(vlm_params, before))
+        changed[name] = moved / sum(p.numel() for p in vlm_params)
+        if name == "fp32 copies":
+            pairs = optimizer.copies()
+            assert len(pairs) == len(vlm_params) and all(m.dtype == torch.float32 for _, m in pairs)
+            shift = torch.cat([(m - b.float()).abs().flatten() for (_, m), b in zip(pairs, before)])
+            assert 1e-4 < shift.median().item() < 4e-4, shift.median()
+    assert changed["torch"] < 0.3 and changed["fp32 copies"] > 0.8, changed  # 0.14 and 0.89
+
+
+def test_bf16_fp32_copies_resume_exactly(tiny):
+    import copy
+
+    """--resume in bf16: the optimizer's state holds the fp32 copies, so an optimizer restored from
+    it takes the very next step the uninterrupted one takes (bf16 weights alone would lose them)."""
+    policy, _, params = tiny_in(tiny, torch.bfloat16)
+    batch = fixed_batch(policy)
+    optimizer = parallel.Adam(params, lr=1e-4)
+    sft_steps(policy, optimizer, params, batch, 3)
+    saved_weights = {n: t.clone() for n, t in parallel.trainable_state(policy).items()}
+    saved_state = copy.deepcopy(optimizer.state_dict())  # as written to disk: not live tensors
+    sft_steps(policy, optimizer, params, batch, 2)
+    expected = parallel.weights_digest(policy)
+    resumed, _, params2 = tiny_in(tiny, torch.bfloat16)
+    resumed.load_state_dict(saved_weights, strict=False)
+    optimizer2 = parallel.Adam(params2, lr=1e-4)
+    optimizer2.load_state_dict(saved_state)
+    sft_steps(resumed, optimizer2, params2, batch, 2)
+    assert parallel.weights_digest(resumed) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_final_model_scores_as_the_evaluated_policy(tiny, tmp_path, dtype, lora_rank):
+    """final_model, loaded back with --model in the run's dtype, scores a fixed batch of answers as
+    the trained policy did just before saving (within the dtype's rounding), value head included.
+    LoRA over bf16 weights is merged in fp32 and saved in fp32: adapters whose changes lie below
+    bf16's resolution survive the merge (merged in bf16 they rounded away)."""
+    policy, _, params = tiny_in(tiny, dtype, lora_rank)
+    batch = fixed_batch(policy)
+    sft_steps(policy, parallel.Adam(params, lr=1e-3), params, batch, 3)
+    if lora_rank:  # one adapter's change made 1e-3 of its weights: below bf16's half-step
+        layer = next(m for m in policy.vlm.modules() if isinstance(m, R.LoRALinear))
+        with torch.no_grad():
+            layer.lora_B.zero_()
+            layer.lora_B[:, 0] = 1e-3 * layer.base.weight.abs().mean().item() / layer.scale
+            layer.lora_A.fill_(1.0)
+        base_weight, delta = (
+            layer.base.weight.detach().float().clone(),
+            layer.scale * (layer.lora_B @ layer.lora_A).detach(),
+        )
+    policy.eval()
+    with torch.no_grad():
+        logprob, value, _, _ = policy.score(*batch)
+    path = str(tmp_path / "final_model")
+    checkpoints.save_final_model(policy, path)
+    processor, vlm = R.load_model(path, torch.device("cpu"), dtype)
+    reloaded = R.Policy(vlm, processor, 1.0, 0.5)
+    from safetensors.torch import load_file
+
+    reloaded.value_head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors")))
+    with torch.no_grad():
+        logprob2, value2, _, _ = reloaded.eval().score(*batch)
+    tolerance = 1e-4 if dtype == torch.float32 else 0.05  # per answer of ~20 tokens
+    assert (logprob2 - logprob).abs().max() < tolerance, (logprob, logprob2)
+    assert (value2 - value).abs().max() < tolerance, (value, value2)
+    if lora_rank:
+        config = json.loads(open(os.path.join(path, "config.json")).read())
+        assert config["dtype"] == config["text_config"]["dtype"] == "float32"
+        weights = load_file(os.path.join(path, "model.safetensors"))
+        saved = next(w for n, w in weights.items() if w.shape == base_weight.shape and
+                     torch.allclose(w, base_weight + delta, atol=1e-7))  # fmt: skip
+        assert (saved - base_weight).abs().max() > 0  # the sub-bf16 change is in the saved model
+
+
+def weights_check_worker(rank, path, port, out):
+    """A torchrun worker in bf16 with every weight trainable: one averaged step, then the weights
+    check that every update runs (parallel.check_weights_agree)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    parallel.WORLD, parallel.RANK = 2, rank
+    policy, _, params = tiny_in((path,), torch.bfloat16)
+    frames, prompts, answers, weights = fixed_batch(policy)
+    optimizer = parallel.Adam(params, lr=1e-3)
+    part = slice(2 * rank, 2 * rank + 2)  # each worker its half of the batch
+    (-policy.score(frames[part], prompts[part], answers[part], weights[part])[0].mean()).backward()
+    parallel.average_gradients(params)
+    optimizer.step()
+    row = {"update": 1}
+    parallel.check_weights_agree(policy, row)
+    json.dump(row["weight_digests"], open(os.path.join(out, f"digests{rank}.json"), "w"))
+    torch.distributed.destroy_process_group()
+
+
+def test_torchrun_weights_check_works_in_bf16_with_every_weight_trained(tiny, tmp_path):
+    """2 gloo workers, bf16, --lora-rank 0: the digest reads any dtype's bytes (numpy has no bf16,
+    and .numpy() on a bf16 tensor raised after the first update), and the workers agree."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(weights_check_worker, args=(tiny[0], port, str(tmp_path)), nprocs=2)
+    digests = [json.loads((tmp_path / f"digests{r}.json").read_text()) for r in (0, 1)]
+    assert digests[0] == digests[1] and len(set(digests[0])) == 1 and len(digests[0][0]) == 40
+
+
+# ---- ONE SCORING FUNCTION: the forward's logit transform, and every dropout off ----
+def tiny_paligemma(path, cap):
+    """A tiny random PaliGemma (SigLIP + Gemma 2) whose forward soft-caps its logits at `cap`."""
+    tok = tiny_families._tokenizer(["<image>"], bos="<bos>", eos="<eos>", pad="<pad>")
+    vision = transformers.SiglipVisionConfig(**tiny_families.VISION, image_size=28, patch_size=14)
+    ids = tiny_families._ids(tok, bos="<bos>", eos="<eos>", pad="<pad>")
+    text = transformers.Gemma2Config(**tiny_families.TEXT, **ids, final_logit_softcapping=cap)
+    config = transformers.PaliGemmaConfig(
+        vision_config=vision, text_config=text, projection_dim=tiny_families.TEXT["hidden_size"],
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.PaliGemmaForConditionalGeneration(config)
+    image_processor = transformers.SiglipImageProcessor(size={"height": 28, "width": 28})
+    image_processor.image_seq_length = 4
+    processor = transformers.PaliGemmaProcessor(
+        image_processor=image_processor, tokenizer=tok, chat_template=tiny_families.LLAVA_TEMPLATE
+    )
+    return tiny_families._finish(model.eval(), processor, path)
+
+
+def test_score_applies_the_logit_softcap_of_the_models_forward(tmp_path, monkeypatch, capsys):
+    """A checkpoint whose forward soft-caps its logits (cap * tanh(logits / cap)): score() scores an
+    answer exactly as the model's own forward (which generate() samples from) does; with the bare
+    output layer the log-probs differ. A forward doing anything else is refused with one line."""
+    path = tiny_paligemma(str(tmp_path / "paligemma"), cap=0.3)
+    processor, vlm = R.load_model(path, torch.device("cpu"), torch.float32)
+    policy = R.Policy(vlm, processor, 1.0, 0.5)
+    checks.check_scoring(policy)
+    assert "soft-cap" in capsys.readouterr().out
+    frames, prompts, answers, weights = fixed_batch(policy, n=1)  # (no padding to mirror below)
+    ones = [[1.0] * len(a) for a in answers]
+    with torch.no_grad():
+        logprob = policy.eval().score(frames, prompts, answers, ones)[0]
+        batch = policy.encode_prompts(frames, prompts)
+        P = batch["input_ids"].shape[1]
+        ids = torch.cat([batch.pop("input_ids"), torch.tensor(answers)], 1)
+        mask = torch.cat([batch.pop("attention_mask"), torch.ones_like(torch.tensor(answers))], 1)
+        batch.pop("labels", None)  # PaliGemma's processor adds labels: no loss here
+        if "token_type_ids" in batch:
+            batch["token_type_ids"] = torch.cat(
+                [batch["token_type_ids"], 0 * torch.tensor(answers)], 1
+            )
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        own = vlm(input_ids=ids, attention_mask=mask, position_ids=positions, **batch).logits
+        own = own[:, P - 1 : -1].float()
+        own[..., policy.banned] = -torch.inf  # generate() never samples these either
+        own = own.log_softmax(-1)
+        own = own.gather(-1, ids[:, P:, None])[..., 0].sum(-1)
+    assert torch.allclose(logprob, own, atol=1e-4), (logprob, own)
+    vlm.logit_transform = None  # the bare output layer: another distribution
+    with torch.no_grad():
+        bare = policy.score(frames, prompts, answers, ones)[0]
+    assert (bare - own).abs().max() > 0.1
+    forward = type(vlm).forward  # a forward that doubles its logits: no known transform
+
+    def doubled(self, *a, **k):
+        out = forward(self, *a, **k)
+        out.logits = 2 * out.logits
+        return out
+
+    monkeypatch.setattr(type(vlm), "forward", doubled)
+    with pytest.raises(SystemExit) as exit_info:
+        checks.check_scoring(policy)
+    assert exit_info.value.code == 2 and "transforms its logits" in capsys.readouterr().err
+
+
+def test_every_dropout_is_off_in_rl_with_a_clip_tower_attention_dropout(tmp_path, monkeypatch):
+    """A LLaVA whose CLIP tower keeps attention dropout 0.1 in a float named `dropout` (used in
+    train mode only): RL zeroes it, so the first minibatch's ratio is 1; with only nn.Dropout
+    modules and `attention_dropout` fields zeroed (the old rule) the ratio drifts from 1. A model
+    that still computes differently in train mode is refused before RL starts."""
+    path = tiny_families.build_tiny_checkpoint("llava", str(tmp_path / "llava"))
+    config = json.loads(open(os.path.join(path, "config.json")).read())
+    config["vision_config"]["attention_dropout"] = 0.1
+    json.dump(config, open(os.path.join(path, "config.json"), "w"))
+    args = [*TINY_RUN, "--model", path, "--sft-steps", "0", "--total-steps", "16"]
+    R.main([*args, "--output-dir", str(tmp_path / "run")])
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["first_ratio_dev"] < 1e-5, row["first_ratio_dev"]
+
+    def old_rule(policy):
+        for m in policy.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+            if isinstance(getattr(m, "attention_dropout", None), float):
+                m.attention_dropout = 0.0
+
+    processor, vlm = R.load_model(path, torch.device("cpu"), torch.float32)
+    policy = R.Policy(vlm, processor, 1.0, 0.5)
+    old_rule(policy)
+    frames, prompts, answers, weights = fixed_batch(policy, n=2)
+    with torch.no_grad():
+        train = policy.train().score(frames, prompts, answers, weights)[0]
+        evaluated = policy.eval().score(frames, prompts, answers, weights)[0]
+    assert (train - evaluated).abs().max() > 1e-3  # the CLIP float still drops attention
+    checks.dropout_off(policy)
+    with torch.no_grad():
+        train = policy.train().score(frames, prompts, answers, weights)[0]
+    assert torch.equal(train, evaluated)
+    drop = lambda module, inputs, out: torch.nn.functional.dropout(out, 0.1, module.training)
+    vlm.model.multi_modal_projector.register_forward_hook(drop)  # a dropout with no name at all
+    with pytest.raises(SystemExit) as exit_info:
+        checks.dropout_off(policy)
+    assert exit_info.value.code == 2
