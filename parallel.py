@@ -43,6 +43,9 @@ class Adam(torch.optim.Adam):
         self.masters = [p.detach().float() if lo else p for p, lo in zip(self.weights, low)]
         super().__init__(self.masters, **kwargs)
 
+    def __getstate__(self):  # copy.deepcopy (the notebook's trial update) keeps the links too
+        return {**super().__getstate__(), "weights": self.weights, "masters": self.masters}
+
     def copies(self):  # (weight, its fp32 master) for each weight in a lower precision
         return [(w, m) for w, m in zip(self.weights, self.masters) if m is not w]
 

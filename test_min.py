@@ -710,13 +710,16 @@ def test_advantages_are_normalised_per_rollout_or_per_minibatch(tiny, tmp_path):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(steps["rollout"], steps["none"]))
 
 
-def test_notebook_order_trains_what_the_cli_trains(tmp_path):
-    """The notebook calls setup -> sft_warm_start -> start_rl; with --preset paper that must add the adapters
-    before SFT exactly as train() does."""
+@pytest.mark.parametrize("lora_in_sft", [False, True])
+def test_notebook_order_trains_what_the_cli_trains(tmp_path, lora_in_sft):
+    """The notebook calls setup -> sft_warm_start -> start_rl; with --preset paper that must train
+    every weight in SFT and add the adapters before RL (or, with --lora-in-sft, before SFT)
+    exactly as train() does, and RL trains the same parameters with or without SFT before it."""
     counts = []
+    extra = ["--lora-in-sft"] if lora_in_sft else []
     for k in range(2):
         args = R.parse_args(
-            [*PAPER_TINY, "--sft-steps", "1", "--output-dir", str(tmp_path / str(k))]
+            [*PAPER_TINY, *extra, "--sft-steps", "1", "--output-dir", str(tmp_path / str(k))]
         )
         policy, rng, _, _ = R.setup(args)
         if k == 0:
@@ -726,7 +729,8 @@ def test_notebook_order_trains_what_the_cli_trains(tmp_path):
         assert optimizer.param_groups[0]["betas"] == (0.9, 0.999)  # the paper's (torch's) Adam
         n_lora = sum(isinstance(m, R.LoRALinear) for m in policy.modules())
         counts.append((n_lora, sum(p.numel() for g in optimizer.param_groups for p in g["params"])))
-        assert k == 1 or sft < 0.5 * sum(p.numel() for p in policy.vlm.parameters())
+        base = sum(p.numel() for n, p in policy.vlm.named_parameters() if ".lora_" not in n)
+        assert k == 1 or (sft < 0.5 * base if lora_in_sft else sft == base)
     assert counts[0] == counts[1] and counts[0][0] > 0
 
 
@@ -1525,9 +1529,16 @@ def test_memory_estimate_counts_the_checkpoint_bytes(tmp_path):
         est = report.memory_estimate(policy, small_args(tmp_path), 1, (100, 64))
         value_head = sum(p.numel() * 4 for p in policy.value_head.parameters())
         assert est["weights"] - value_head == stored, family
-        assert (
-            est["gradients"] == est["weights"] and est["adam state"] == 2 * est["weights"]
-        )  # no LoRA: all trainable
+        assert est["gradients"] == est["weights"] and est["adam state (fp32)"] == 2 * est["weights"]
+        assert est["fp32 copies"] == 0  # no LoRA: all trainable, in fp32: no copies
+        processor, vlm = R.load_model(path, torch.device("cpu"), torch.bfloat16)
+        est = report.memory_estimate(
+            R.Policy(vlm, processor, 1.0, 0.5), small_args(tmp_path), 1, (100, 64)
+        )
+        assert est["weights"] - value_head == stored // 2  # bf16
+        assert est["fp32 copies"] == stored and est["adam state (fp32)"] == 2 * (
+            stored + value_head
+        )
 
 
 def test_model_without_chat_template_is_refused(tmp_path):
