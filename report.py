@@ -103,13 +103,15 @@ def log_update(args, row, example):
     if RANK == 0:
         with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
+    ev = row["explained_var"]  # NaN where the returns hardly varied: no variance to explain
+    explained = "flat" if math.isnan(ev) else f"{ev:+.2f}"
     print(
         f"update {row['update']:3d}/{args.num_updates} | steps {row['env_steps']:6d} | "
         f"success {row['success']:.2f} | return {row['mean_return']:+.2f} | "
         f"fmt_err {row['format_error_rate']:.2f} | read {row['readout_acc']:.2f} | "
         f"pg {row['pg_loss']:+.3f} | v {row['v_loss']:.3f} | kl {row['approx_kl']:.4f} | "
         f"kl_ref {row['kl_ref']:.4f} | clip {row['clipfrac']:.2f} | "
-        f"ev {row['explained_var']:+.2f} | {row['steps_per_second']:.0f} steps/s"
+        f"ev {explained} | {row['steps_per_second']:.0f} steps/s"
         + (f" | {WORLD} workers" if WORLD > 1 else ""),
         flush=True,
     )

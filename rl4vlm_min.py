@@ -102,7 +102,8 @@ class Args:
     update_epochs: int = arg(4, "passes over the rollout batch per update")
     num_minibatches: int = arg(4, "optimizer steps per epoch: the batch split into this many")
     micro_batch_size: int = arg(32, "samples per forward/backward (gradient accumulation)")
-    clip_coef: float = arg(0.2, "PPO clip range of the ratio and of the value")
+    clip_coef: float = arg(0.2, "PPO clip range of the ratio")
+    vf_clip: float = arg(0.2, "V clipped to within this of its rollout value (0: no clip)")
     adv_norm: Literal["minibatch", "rollout"] = arg(
         "minibatch", "normalise the advantages per minibatch, or once per rollout (the paper)"
     )
@@ -113,9 +114,7 @@ class Args:
     grad_clip: Literal["apart", "joint"] = arg("apart", "clip the two gradients apart or as one")
     adam_beta2: float = arg(0.99, "Adam's second-moment decay in RL (torch and the paper: 0.999)")
     # model
-    value_input: Literal["mean", "last"] = arg(
-        "mean", "value head input: the prompt's mean hidden state, or its last token's (paper)"
-    )
+    value_input: Literal["mean", "last"] = arg("mean", "critic input: prompt mean or last token")
     lora_rank: int = arg(0, "LoRA rank of the RL phase; 0 = RL trains every weight")
     lora_alpha: float = arg(64.0, "LoRA scale is alpha / rank")
     lora_dropout: float = arg(0.0, "dropout on the LoRA input, in SFT only")
@@ -163,11 +162,11 @@ GAME_DEFAULTS = {
 # §2 of the paper; steps per update 512 (NumberLine, Blackjack) or 1024, in minibatches of 128.
 # Full SFT of a 7B model in bf16 needs about 112 GB (fp32 copies and Adam): or add --lora-in-sft
 PAPER_PRESET = dict(
-    temperature=0.2, thought_coef=0.5, clip_coef=0.1, gamma=0.9, gae_lambda=0.95, update_epochs=4,
-    max_grad_norm=0.01, learning_rate=1e-5, lora_rank=128, lora_alpha=256.0, lora_dropout=0.05,
-    lora_targets="all-linear", micro_batch_size=4, max_new_tokens=256, total_steps=15000,
-    num_envs=4, ent_coef=0.0, gradient_checkpointing=True, value_input="last", kl_coef=0.0,
-    adam_beta2=0.999, sft_lr=2e-5, lora_in_sft=False, adv_norm="rollout", grad_clip="joint",
+    temperature=0.2, thought_coef=0.5, max_new_tokens=256, clip_coef=0.1, vf_clip=0.1, kl_coef=0.0,
+    gamma=0.9, gae_lambda=0.95, update_epochs=4, adv_norm="rollout", value_input="last",
+    learning_rate=1e-5, adam_beta2=0.999, max_grad_norm=0.01, grad_clip="joint", total_steps=15000,
+    num_envs=4, micro_batch_size=4, gradient_checkpointing=True, sft_lr=2e-5, lora_in_sft=False,
+    lora_rank=128, lora_alpha=256.0, lora_dropout=0.05, lora_targets="all-linear", ent_coef=0.0,
 )  # fmt: skip
 
 
@@ -628,10 +627,11 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
                 pg_loss1 = -adv * ratio
                 pg_loss2 = -adv * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
                 pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-                v_loss_unclipped = (newvalue - b_returns[inds]) ** 2
-                v_delta = torch.clamp(newvalue - b_values[inds], -args.clip_coef, args.clip_coef)
-                v_loss_clipped = (b_values[inds] + v_delta - b_returns[inds]) ** 2
-                v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+                v_loss = (newvalue - b_returns[inds]) ** 2
+                if args.vf_clip > 0:  # pessimistic, as the ratio: V kept near its rollout value
+                    v_delta = (newvalue - b_values[inds]).clamp(-args.vf_clip, args.vf_clip)
+                    v_loss = torch.max(v_loss, (b_values[inds] + v_delta - b_returns[inds]) ** 2)
+                v_loss = 0.5 * v_loss.mean()
                 kl_ref = torch.zeros(())
                 if policy.reference is not None:  # --kl-coef: stay near the SFT policy
                     with torch.no_grad():  # ref[3]: the SFT policy's next-token log-probs
@@ -652,11 +652,11 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
             stats["grad_norm"].append(grad_norm.item())
             optimizer.step()
     out = {k: float(np.mean(v)) for k, v in stats.items()}
-    # explained_var: 1 when V(s) predicts the returns, 0 when it does no better than their mean
+    # explained_var: 1 when V(s) predicts the returns, 0 when it does no better than their mean;
+    # NaN (logged "flat") when the returns hardly vary (std < 0.05), where the ratio means nothing
     y_pred, y_true = b_values.numpy(), b_returns.numpy()
-    var_y = np.var(y_true)
-    explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-    out["explained_var"] = float(explained_var)
+    flat = np.std(y_true) < 0.05
+    out["explained_var"] = np.nan if flat else float(1 - np.var(y_true - y_pred) / np.var(y_true))
     out["first_ratio_dev"] = float((first_ratio - 1).abs().max())
     return out
 

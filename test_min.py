@@ -642,6 +642,25 @@ def test_value_loss_does_not_shrink_the_policy_step(tiny, tmp_path):
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(*steps))
 
 
+def test_value_clip_is_in_return_units_and_off_at_zero(tiny, tmp_path):
+    """--vf-clip keeps V within that many return units of its rollout value, pessimistically; 0
+    turns the clip off, which is the same as a clip too wide to bind. With returns 100x larger than
+    V, a clip of 0.2 binds in the later epochs and the value head ends elsewhere."""
+    heads = {}
+    for vf_clip in ("0", "1e9", "0.2"):
+        args = small_args(tmp_path, "--update-epochs", "3", "--num-minibatches", "1",
+                          "--micro-batch-size", "16", "--vf-clip", vf_clip)  # fmt: skip
+        if vf_clip == "0":  # one rollout for all three
+            data, adv, ret = one_rollout(fresh_policy(tiny), args, np.random.default_rng(0))
+        policy = fresh_policy(tiny)
+        optimizer = torch.optim.SGD(policy.value_head.parameters(), lr=1.0)  # steps of norm 0.5
+        R.ppo_update(policy, optimizer, data, adv, 100 * ret, args, torch.Generator(), update=1)
+        heads[vf_clip] = [p.detach().clone() for p in policy.value_head.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(heads["0"], heads["1e9"]))
+    assert not all(torch.allclose(a, b) for a, b in zip(heads["0"], heads["0.2"]))
+    assert R.parse_args(["--preset", "paper"]).vf_clip == 0.1  # the official code's
+
+
 PAPER_TINY = [
     "--preset",
     "paper",
