@@ -35,10 +35,11 @@ def resumed_args(args, given):
         )
     with open(meta_path) as f:
         saved = json.load(f)["args"]
-    gone = set(saved) - {field.name for field in dataclasses.fields(args)}
-    if gone:
-        fail(f"--resume {args.resume!r} was written by an older rl4vlm_min.py (its settings "
-             f"{sorted(gone)} are gone); start a new run")  # fmt: skip
+    names = {field.name for field in dataclasses.fields(args)}
+    gone, new = set(saved) - names, names - set(saved)  # a default now could change the run
+    if gone or new:
+        fail(f"--resume {args.resume!r} was written by an older rl4vlm_min.py (settings gone: "
+             f"{sorted(gone)}, new: {sorted(new)}); start a new run")  # fmt: skip
     for key in RESUME_FIXED:
         if key in given and getattr(args, key) != saved[key]:
             fail(
@@ -190,8 +191,9 @@ def restore_checkpoint(policy, optimizer, vec, args, rng, generator):
 def merge_lora(vlm):
     """Each adapter folded into its base layer's weight: W + scale * B A, in fp32. A model with
     adapters over lower-precision weights becomes fp32 first: added into bf16 weights, a change
-    below about 0.4% of a weight would round away, and the saved model would not be the policy
-    that was evaluated (the adapters' fp32 output added to the bf16 layer's)."""
+    below about 0.4% of a weight would round away, and the saved model would lose what RL
+    learned there. Reloaded in fp32 it computes the evaluated policy (its bf16 layers plus the
+    adapters' fp32 path) without bf16's rounding; reloaded in bf16, rounded once more."""
     adapters = [(name, m) for name, m in vlm.named_modules() if hasattr(m, "lora_A")]
     if adapters:
         vlm.float()  # and every config says so (save_pretrained updates the top one only)

@@ -215,12 +215,12 @@ def logit_transforms(config):
 
 
 def output_logits(vlm, hidden):
-    """The output layer on final hidden states (..., H) -> fp32 logits (..., V), then the transform
-    the model's own forward applies (check_scoring finds it), so that score() scores exactly the
-    distribution generate() samples from."""
-    logits = vlm.get_output_embeddings()(hidden).float()
+    """The output layer on final hidden states (..., H), then the transform the model's own
+    forward applies, in the model's dtype as the forward does (check_scoring finds it at setup;
+    before it ran, none): fp32 logits (..., V) of the distribution generate() samples from."""
+    logits = vlm.get_output_embeddings()(hidden)
     transform = getattr(vlm, "logit_transform", None)
-    return logits if transform is None else transform(logits)
+    return (logits if transform is None else transform(logits)).float()
 
 
 def probe_batch(policy):
@@ -243,12 +243,13 @@ def check_scoring(policy):
     batch, was_training = probe_batch(policy), policy.training
     policy.eval()
     ids, mask = batch.pop("input_ids"), batch.pop("attention_mask")
-    own = policy.vlm(input_ids=ids, attention_mask=mask, use_cache=False, **batch).logits[:, -1]
-    hidden = policy.hidden_states(ids, mask, batch)[:, -1]
-    raw = policy.vlm.get_output_embeddings()(hidden).float()
+    own = policy.vlm(input_ids=ids, attention_mask=mask, use_cache=False, **batch).logits
+    raw = policy.vlm.get_output_embeddings()(policy.hidden_states(ids, mask, batch))
     policy.train(was_training)
-    own, transforms = own.float(), logit_transforms(policy.vlm.config)
-    gaps = {n: (own - (f(raw) if f else raw)).abs().max().item() for n, f in transforms.items()}
+    own, transforms = own.float(), logit_transforms(policy.vlm.config)  # all positions (1, P, V)
+    gaps = {}
+    for name, transform in transforms.items():
+        gaps[name] = (own - (transform(raw) if transform else raw).float()).abs().max().item()
     name = min(gaps, key=gaps.get)
     tolerance = 1e-4 if policy.vlm.dtype == torch.float32 else 2e-2  # the dtype's rounding
     if not gaps[name] <= tolerance * max(own.abs().max().item(), 1.0):
@@ -264,12 +265,13 @@ def dropout_off(policy):
     """Every dropout probability to 0 during RL, whatever it is called: nn.Dropout modules, float
     fields such as attention_dropout or CLIP/SigLIP's `dropout`, and the configs they came from.
     The rollout scores the old log-probs in eval mode, the update in train mode: both must be the
-    same function. A dropout this misses would make them differ, and the run refuses to start."""
-    configs = [policy.vlm.config]
-    for config in configs:  # the model's config and its sub-configs (text, vision, ...)
-        configs += [
-            v for v in vars(config).values() if isinstance(v, transformers.PretrainedConfig)
-        ]
+    same function. A dropout this misses would make them differ, and the run refuses to start.
+    The zeroed fields stay zero in the configs that final_model saves."""
+    configs, stack = [], [policy.vlm.config]  # the model's config and its sub-configs, nested
+    while stack:
+        configs.append(stack.pop())
+        inner = vars(configs[-1]).values()
+        stack += [v for v in inner if isinstance(v, transformers.PretrainedConfig)]
     for obj in [*policy.modules(), *configs]:
         if isinstance(obj, torch.nn.Dropout):
             obj.p = 0.0

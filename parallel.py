@@ -24,8 +24,11 @@ def device_and_dtype(name="auto"):
     """This worker's GPU if there is one, else the CPU; and the model's dtype (--dtype): "auto" is
     bf16 on a GPU that supports it, else fp32."""
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else None
-    device = device or torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if name == "float16":
+        print("note: float16 trains without loss scaling here: gradients below about 6e-8 become 0 "
+              "and large ones inf (the run then stops); prefer --dtype bfloat16")  # fmt: skip
     if name != "auto":
         return device, DTYPES[name]
     return device, torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
@@ -35,7 +38,10 @@ class Adam(torch.optim.Adam):
     """torch's Adam, plus an fp32 master copy of every trainable weight stored in a lower precision.
     bf16 keeps 8 significant bits: an update below about 0.4% of a weight (most updates at lr 1e-5)
     would round away. The model still computes in its own dtype: each step moves the fp32 copy and
-    writes it back rounded, so small updates add up. fp32 weights are stepped as they are."""
+    writes it back rounded, so small updates add up. fp32 weights are stepped as they are.
+    Gradients are still accumulated, averaged over workers and clipped in the model's dtype (as
+    DistributedDataParallel averages them); only the step and the weights it moves are in fp32.
+    `params`: a flat list of tensors (no parameter groups)."""
 
     def __init__(self, params, **kwargs):
         self.weights = list(params)
@@ -56,23 +62,30 @@ class Adam(torch.optim.Adam):
 
     @torch.no_grad()
     def step(self, closure=None):
-        for w, m in self.copies():  # the (averaged, clipped) gradient, in fp32
-            m.grad = None if w.grad is None else w.grad.float()
+        assert closure is None, "parallel.Adam takes no closure"
+        for w, m in self.copies():  # the (averaged, clipped) gradient, in fp32; the low one freed
+            m.grad, w.grad = (None if w.grad is None else w.grad.float()), None
         super().step()
         for w, m in self.copies():
             w.copy_(m)  # rounded to the model's dtype
+            m.grad = None  # nothing held through the next rollout
 
     def state_dict(self):  # --resume: the masters too, or bf16 runs would not resume exactly
-        return {**super().state_dict(), "masters": [m.clone() for _, m in self.copies()]}
+        masters = [m.detach().to("cpu", copy=True) for _, m in self.copies()]
+        return {**super().state_dict(), "masters": masters}
 
     def load_state_dict(self, state_dict):
+        """Adam's state, and the masters as saved; a checkpoint without them (written in another
+        dtype) starts them from the weights, which --resume has restored by now."""
         state_dict = dict(state_dict)
-        masters = state_dict.pop("masters", [])
+        masters, pairs = state_dict.pop("masters", None), self.copies()
         super().load_state_dict(state_dict)
+        if masters is None or len(masters) != len(pairs):
+            masters = [w for w, _ in pairs]
         with torch.no_grad():
-            for (w, m), saved in zip(self.copies(), masters):
+            for (w, m), saved in zip(pairs, masters):
                 m.copy_(saved)
-                w.copy_(saved)
+                w.copy_(m)
 
 
 def start_workers(device):

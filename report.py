@@ -226,12 +226,12 @@ def prompt_shape(policy, frame, prompt):
 # ---- ONE GPU: will training fit, and --dry-run ----
 def memory_estimate(policy, args, batch, shape):
     """Rough training memory in bytes for `batch` sequences per forward/backward. Weights as
-    loaded; gradients of the trainable parameters, Adam's two moments in fp32 and fp32 copies of
-    those stored in a lower precision (parallel.Adam); activations of the
-    language model after Korthikanti et al. 2022 (about 34 bytes per token per hidden unit per
-    layer in 16-bit, or 2 with gradient checkpointing plus one layer recomputed), and of the
-    vision tower if it trains (its tokens counted as the image tokens); the fp32 logits of the
-    answer tokens; the rollout's KV cache."""
+    loaded; gradients of the trainable parameters, Adam's two moments in fp32, and fp32 copies
+    (and their gradients, in the step) of those stored in a lower precision (parallel.Adam);
+    activations of the language model after Korthikanti et al. 2022 (about 34 bytes per token per
+    hidden unit per layer in 16-bit, or 2 with gradient checkpointing plus one layer recomputed),
+    and of the vision tower if it trains (its tokens counted as the image tokens); the fp32 logits
+    of the answer tokens; the rollout's KV cache."""
     text = policy.vlm.config.get_text_config()
     vision = getattr(policy.vlm.config, "vision_config", None)
     elem = next(policy.vlm.parameters()).element_size()  # 2 in bf16, 4 in fp32
@@ -255,7 +255,7 @@ def memory_estimate(policy, args, batch, shape):
         "weights": sum(p.numel() * p.element_size() for p in policy.parameters()),
         "gradients": trainable,
         "adam state (fp32)": 2 * 4 * sum(p.numel() for p in trained),
-        "fp32 copies": 4 * sum(p.numel() for p in trained if p.dtype != torch.float32),
+        "fp32 copies": 8 * sum(p.numel() for p in trained if p.dtype != torch.float32),
         "activations": activations,
         "logits (fp32)": 3 * batch * args.max_new_tokens * text.vocab_size * 4,
         "KV cache (rollout)": args.num_envs * seq * layers * 2 * kv_heads * head_dim * elem,

@@ -9,7 +9,7 @@ and PPO with GAE trains the VLM and a value head on the per-step rewards, after 
 start (SFT) on answers written from an oracle, as in the paper.
 
     python rl4vlm_min.py --task numberline               # CPU, an embedded tiny LLaVA, minutes
-    python rl4vlm_min.py --model llava-hf/llava-v1.6-mistral-7b-hf --preset paper   # one GPU
+    python rl4vlm_min.py --model llava-hf/llava-v1.6-mistral-7b-hf --preset paper --lora-in-sft
     python rl4vlm_min.py --resume runs/numberline-seed1  # continue a stopped run exactly
     torchrun --nproc_per_node K rl4vlm_min.py ...        # data-parallel on K GPUs or processes
 
@@ -160,7 +160,8 @@ GAME_DEFAULTS = {
     ),
 }
 # §2 of the paper; steps per update 512 (NumberLine, Blackjack) or 1024, in minibatches of 128.
-# Full SFT of a 7B model in bf16 needs about 112 GB (fp32 copies and Adam): or add --lora-in-sft
+# A 7B model's full SFT needs ~150 GB (bf16 weights and gradients, fp32 copies, Adam): on one GPU
+# add --lora-in-sft (SFT trains LoRA only; memory: --dry-run)
 PAPER_PRESET = dict(
     temperature=0.2, thought_coef=0.5, max_new_tokens=256, clip_coef=0.1, vf_clip=0.1, kl_coef=0.0,
     gamma=0.9, gae_lambda=0.95, update_epochs=4, adv_norm="rollout", value_input="last",
@@ -527,8 +528,7 @@ def rollout(policy, vec, args, rng, episodes, update=0):
         with torch.no_grad():
             logprob, value, _, _ = policy.score(vec["obs"], prompts, answers, weights)
         where = f"update {update}, rollout step {t}"
-        checks.check_finite("the rollout log-probability", logprob, where)
-        checks.check_finite("the rollout value", value, where)
+        checks.check_finite("the rollout's log-prob or value", torch.cat([logprob, value]), where)
         logprobs[t], values[t] = logprob.cpu(), value.cpu()
         parse_fails += parsed.count(False)
         readouts += sum(thought_text(args.task, i) in s for i, s in zip(vec["infos"], texts))
@@ -644,12 +644,12 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
                 for key, val in zip(keys, (pg_loss, v_loss, entropy.mean(), kl_ref)):
                     stats[key].append(val.item())
             parallel.average_gradients(actor + critic)  # torchrun: the mean over workers
-            # clipped apart: clipped together, the value loss's larger gradient shrank the
+            # "apart": clipped together (the paper), the value loss's larger gradient shrank the
             # policy's step (at NumberLine's RL start: norm 4.2 on the value head, 1.7 on the VLM)
             groups = [actor, critic] if args.grad_clip == "apart" else [actor + critic]
-            grad_norm = [nn.utils.clip_grad_norm_(g, args.max_grad_norm) for g in groups][0]
-            checks.check_finite("the gradient norm", grad_norm, where)
-            stats["grad_norm"].append(grad_norm.item())
+            norms = torch.stack([nn.utils.clip_grad_norm_(g, args.max_grad_norm) for g in groups])
+            checks.check_finite("the gradient norm", norms, where)
+            stats["grad_norm"].append(norms[0].item())  # the VLM's, or (joint) both together's
             optimizer.step()
     out = {k: float(np.mean(v)) for k, v in stats.items()}
     # explained_var: 1 when V(s) predicts the returns, 0 when it does no better than their mean;

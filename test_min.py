@@ -1459,7 +1459,10 @@ def test_nan_stops_the_run_and_resume_equals_the_uninterrupted_run(tmp_path, mon
     with pytest.raises(SystemExit) as stop:
         R.main([*RUN3, "--output-dir", str(cut)])
     assert stop.value.code == 3
-    assert "the rollout value is NaN or inf at update 2, rollout step 0" in capsys.readouterr().err
+    assert (
+        "the rollout's log-prob or value is NaN or inf at update 2, rollout step 0"
+        in capsys.readouterr().err
+    )
     assert (
         json.loads((cut / "checkpoint" / "meta.json").read_text())["update"] == 1
     )  # the last good one is kept
@@ -1555,7 +1558,7 @@ def test_memory_estimate_counts_the_checkpoint_bytes(tmp_path):
             R.Policy(vlm, processor, 1.0, 0.5), small_args(tmp_path), 1, (100, 64)
         )
         assert est["weights"] - value_head == stored // 2  # bf16
-        assert est["fp32 copies"] == stored and est["adam state (fp32)"] == 2 * (
+        assert est["fp32 copies"] == 2 * stored and est["adam state (fp32)"] == 2 * (
             stored + value_head
         )
 
@@ -1801,10 +1804,12 @@ def test_bf16_weights_learn_at_lr_1e5_through_fp32_copies(tiny):
 
 
 def test_bf16_fp32_copies_resume_exactly(tiny):
+    """--resume in bf16: the optimizer's state holds the fp32 copies, so an optimizer restored from
+    it takes the very next step the uninterrupted one takes (bf16 weights alone would lose them).
+    As --resume does it: the optimizer is built first, then the weights and its state are loaded.
+    A state without copies (a checkpoint written in fp32) starts them from the restored weights."""
     import copy
 
-    """--resume in bf16: the optimizer's state holds the fp32 copies, so an optimizer restored from
-    it takes the very next step the uninterrupted one takes (bf16 weights alone would lose them)."""
     policy, _, params = tiny_in(tiny, torch.bfloat16)
     batch = fixed_batch(policy)
     optimizer = parallel.Adam(params, lr=1e-4)
@@ -1813,12 +1818,20 @@ def test_bf16_fp32_copies_resume_exactly(tiny):
     saved_state = copy.deepcopy(optimizer.state_dict())  # as written to disk: not live tensors
     sft_steps(policy, optimizer, params, batch, 2)
     expected = parallel.weights_digest(policy)
-    resumed, _, params2 = tiny_in(tiny, torch.bfloat16)
-    resumed.load_state_dict(saved_weights, strict=False)
-    optimizer2 = parallel.Adam(params2, lr=1e-4)
-    optimizer2.load_state_dict(saved_state)
-    sft_steps(resumed, optimizer2, params2, batch, 2)
-    assert parallel.weights_digest(resumed) == expected
+    for state in (saved_state, {k: v for k, v in saved_state.items() if k != "masters"}):
+        resumed, _, params2 = tiny_in(tiny, torch.bfloat16)
+        optimizer2 = parallel.Adam(params2, lr=1e-4)  # start_rl, then restore_checkpoint
+        resumed.load_state_dict(saved_weights, strict=False)
+        optimizer2.load_state_dict(state)
+        now = parallel.trainable_state(resumed)
+        assert all(torch.equal(now[n], saved_weights[n]) for n in saved_weights)  # not clobbered
+        copies = [m for _, m in optimizer2.copies()]
+        if "masters" in state:  # the saved copies, and the very next steps
+            assert all(torch.equal(m, saved) for m, saved in zip(copies, state["masters"]))
+            sft_steps(resumed, optimizer2, params2, batch, 2)
+            assert parallel.weights_digest(resumed) == expected
+        else:  # copies from the restored weights, not the weights before the restore
+            assert all(torch.equal(m, w.float()) for w, m in optimizer2.copies())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -2004,3 +2017,19 @@ def test_every_dropout_is_off_in_rl_with_a_clip_tower_attention_dropout(tmp_path
     with pytest.raises(SystemExit) as exit_info:
         checks.dropout_off(policy)
     assert exit_info.value.code == 2
+
+
+def test_resume_refuses_a_checkpoint_written_with_other_settings(tmp_path, capsys):
+    """A checkpoint from an older rl4vlm_min.py: a setting it lacks (here --vf-clip) would take
+    today's default and change the run; one it has that is gone would be dropped. Both refused."""
+    import dataclasses
+
+    saved = dataclasses.asdict(R.parse_args([]))
+    for change in ({"vf_clip": None}, {"pretrain_steps": 3000}):
+        args = {k: v for k, v in {**saved, **change}.items() if v is not None}
+        (tmp_path / "checkpoint").mkdir(exist_ok=True)
+        (tmp_path / "checkpoint" / "meta.json").write_text(json.dumps({"args": args}))
+        with pytest.raises(SystemExit) as stop:
+            R.parse_args(["--resume", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and "start a new run" in err and list(change)[0] in err, err
