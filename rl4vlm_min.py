@@ -647,9 +647,9 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
             # "apart": clipped together (the paper), the value loss's larger gradient shrank the
             # policy's step (at NumberLine's RL start: norm 4.2 on the value head, 1.7 on the VLM)
             groups = [actor, critic] if args.grad_clip == "apart" else [actor + critic]
-            norms = torch.stack([nn.utils.clip_grad_norm_(g, args.max_grad_norm) for g in groups])
-            checks.check_finite("the gradient norm", norms, where)
-            stats["grad_norm"].append(norms[0].item())  # the VLM's, or (joint) both together's
+            norms = [nn.utils.clip_grad_norm_(g, args.max_grad_norm).item() for g in groups]
+            checks.check_finite("the gradient norm", torch.tensor(norms), where)
+            stats["grad_norm"].append(norms[0])  # the VLM's, or (joint) both together's
             optimizer.step()
     out = {k: float(np.mean(v)) for k, v in stats.items()}
     # explained_var: 1 when V(s) predicts the returns, 0 when it does no better than their mean;

@@ -1878,6 +1878,17 @@ def test_final_model_scores_as_the_evaluated_policy(tiny, tmp_path, dtype, lora_
         assert (saved - base_weight).abs().max() > 0  # the sub-bf16 change is in the saved model
 
 
+@pytest.mark.parametrize("grad_clip", ["apart", "joint"])
+def test_a_bf16_run_trains_on_policy_and_saves(tmp_path, grad_clip):
+    """The whole loop in bf16 (SFT, rollout, PPO with a bf16 VLM and an fp32 value head, the
+    final model): every update's first ratio is exactly 1, and the VLM's weights moved."""
+    out = tmp_path / "run"
+    R.main([*TINY_RUN, "--dtype", "bfloat16", "--grad-clip", grad_clip, "--output-dir", str(out)])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["first_ratio_dev"] == 0 for r in rows)
+    assert json.loads((out / "final_model" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
 def weights_check_worker(rank, path, port, out):
     """A torchrun worker in bf16 with every weight trainable: one averaged step, then the weights
     check that every update runs (parallel.check_weights_agree)."""
