@@ -480,7 +480,7 @@ def main(argv=None):
     ablation_seeds = {"numberline": seeds, "ezpoints": opts.ezpoints_ablation_seeds}
     if opts.quick:
         tasks, seeds, ablation_seeds = ["numberline"], [1], {"numberline": [1]}
-        extra = "--num-envs 4 --total-steps 32 --sft-steps 4 "
+        extra = "--num-envs 4 --num-steps 4 --total-steps 16 --update-epochs 1 --sft-steps 4 "
         extra = (extra + "--sft-readout-steps 2 --eval-episodes 2 --max-new-tokens 16").split()
     missing = []
 
