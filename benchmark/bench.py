@@ -192,7 +192,9 @@ def speed(model_path, out_dir, steps):
         updates[mb] = args.batch_size / (time.perf_counter() - t)
         rows[f"PPO update, minibatch {mb} (samples/s)"] = updates[mb]
     # where the time of one default update goes (16 envs x 8 steps, 4 epochs, minibatch 32)
-    args = R.parse_args(["--model", model_path, "--total-steps", "128", "--output-dir", out_dir])
+    small = [] if steps >= 64 else ["--num-envs", "4", "--num-steps", "4", "--update-epochs", "1"]
+    size = ["--total-steps", "128" if steps >= 64 else "16", *small]  # --quick: a smaller update
+    args = R.parse_args(["--model", model_path, *size, "--output-dir", out_dir])
     policy, rng, generator, _ = R.setup(args)
     optimizer = R.start_rl(policy, args)
     timers = Timers()
