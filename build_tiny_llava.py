@@ -237,7 +237,7 @@ def pretrain_describe(vlm, processor, rng, steps):
     optimizer = torch.optim.Adam(vlm.parameters(), lr=cfg["lr"])
     games, checks = {}, {}
     for task, cls in envs.TASKS.items():  # 50 held-out states per game for the read-out check
-        args = types.SimpleNamespace(task=task, cot=True, max_new_tokens=48)
+        args = types.SimpleNamespace(task=task, cot=True, thoughts="plan", max_new_tokens=48)
         games[task] = args, cls()
         check = rl.sft_answers(args, cls(), np.random.default_rng(10**6), 50, 0.0, tok, True)
         infos = [i for _, i, _ in check]

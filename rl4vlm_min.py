@@ -27,8 +27,8 @@ Deviations from the paper, each on purpose (the runs behind them: results/EXPERI
 clip 0.1, one grad-norm clip 0.01, advantages normalised per rollout, ...); these remain in it:
 - SFT answers are drawn fresh, written from the env's oracle (the paper's SFT set is not in this
   repo): "one epoch" is --sft-steps x --sft-batch-size answers, each seen once.
-- The thoughts end with what the decision turns on: EZPoints' with the formula to write,
-  Blackjack's with whether a hit can bust, after the cards and their total (the paper: the total).
+- The thoughts end with a plan, what the decision turns on (NumberLine's side, EZPoints' formula,
+  whether a hit can bust; the paper's Blackjack: the total): --thoughts state drops it.
 - RL runs with dropout off (the official code sampled with it on), so the rollout and the update
   score with one function and the first minibatch's ratio is exactly 1.
 - Truncation (NumberLine's 10 moves, the points games' formula cap) is a loss under these games'
@@ -94,6 +94,7 @@ class Args:
     temperature: float = arg(0.2, "sampling temperature; scoring divides the logits by it too")
     max_new_tokens: int = arg(48, "longest answer the model may write")
     cot: bool = arg(True, "thoughts before the action (--no-cot: the action only)")
+    thoughts: Literal["plan", "state"] = arg("plan", "thoughts: state and plan, or state only")
     thought_coef: float = arg(0.5, "lambda: weight of the thought tokens' log-prob (actions: 1)")
     # PPO and GAE
     learning_rate: float = arg(1e-4, "Adam learning rate of RL, cosine-decayed to 0")
@@ -153,7 +154,7 @@ class Args:
 # sees a reward; Points24 undiscounted: at 0.9 RL learned to stall in long formulas).
 GAME_DEFAULTS = {
     "numberline": dict(sft_oracle_prob=0.0, learning_rate=3e-4),
-    "ezpoints": dict(sft_oracle_prob=0.6, sft_steps=1000),
+    "ezpoints": dict(sft_oracle_prob=0.3, sft_steps=1000, vf_clip=0.0),
     "points24": dict(sft_oracle_prob=0.5, gamma=1.0),
     "blackjack": dict(
         sft_oracle_prob=0.0, sft_steps=2000, sft_lr=3e-4, learning_rate=3e-4, eval_episodes=1000
@@ -233,29 +234,32 @@ def task_prompts(processor, task, infos, cot):
     return [chat_prompt(processor, build_prompt(task, info, names, cot)) for info in infos]
 
 
-def thought_text(task, info):
-    """What the thoughts should read out of the image (the SFT target and the read-out check).
-    NumberLine's end with the comparison the paper's prompt asks to think through first."""
+def thought_text(task, info, thoughts="plan"):
+    """What the thoughts should read out of the image (the SFT target and the read-out check),
+    then a plan: NumberLine's comparison (the paper's prompt asks to think it through first),
+    EZPoints' formula, whether a hit can bust. thoughts="state" (--thoughts): the state only."""
     if task == "numberline":
         side = "higher" if info["Target"] > info["Current"] else "lower"
-        return f"current is {info['Current']}, target is {info['Target']}, the target is {side}"
-    if task in ("ezpoints", "points24"):
+        text = f"current is {info['Current']}, target is {info['Target']}, the target is {side}"
+    elif task in ("ezpoints", "points24"):
         text = "numbers are " + ", ".join(str(n) for n in info["Numbers"])
         if task == "ezpoints":  # then the plan: the formula to write, from the one so far
-            plan = envs.EZPoints.plan(info["Numbers"], info["Formula"])
-            text += f", {' '.join(plan)} makes 12" if plan else ", nothing makes 12 now"
-        return text
-    values = [envs.label_value(name[:-1]) for name in info["Player Card"]]  # an ace as 1
-    total, dealer = info["Player Total"], info["Dealer Total"]
-    risk = "can" if sum(values) >= 12 else "cannot"  # a 10 busts a hard 12 or more
-    cards = ", ".join(str(v) for v in values)  # the cards, then their sum, then what a hit risks
-    return f"my cards are {cards}, my total is {total}, dealer shows {dealer}, a hit {risk} bust"
+            formula = envs.EZPoints.plan(info["Numbers"], info["Formula"])
+            text += f", {' '.join(formula)} makes 12" if formula else ", nothing makes 12 now"
+    else:
+        values = [envs.label_value(name[:-1]) for name in info["Player Card"]]  # an ace as 1
+        total, up = info["Player Total"], info["Dealer Total"]
+        risk = "can" if sum(values) >= 12 else "cannot"  # a 10 busts a hard 12 or more
+        cards = ", ".join(str(v) for v in values)  # the cards, their sum, what a hit risks
+        text = f"my cards are {cards}, my total is {total}, dealer shows {up}, a hit {risk} bust"
+    state_only = thoughts == "state" and task != "points24"  # Points24's hold no plan
+    return text.rsplit(", ", 1)[0] if state_only else text  # the plan is the last clause
 
 
-def answer_text(task, info, action_name, cot):
+def answer_text(task, info, action_name, cot, thoughts="plan"):
     """A well-formed answer: thoughts first, action last (the paper's format)."""
     if cot:
-        return f'{{"thoughts": "{thought_text(task, info)}", "action": "{action_name}"}}'
+        return f'{{"thoughts": "{thought_text(task, info, thoughts)}", "action": "{action_name}"}}'
     return f'{{"action": "{action_name}"}}'
 
 
@@ -367,8 +371,7 @@ class Policy(nn.Module):
         self.reference = None  # a frozen copy of the VLM as RL starts, if --kl-coef > 0
         hidden = vlm.config.get_text_config().hidden_size
         device = vlm.get_output_embeddings().weight.device
-        # the paper's MLP, in fp32 whatever the VLM's dtype, after a layer that standardizes its
-        # input with statistics fit as RL starts (fit_critic_input)
+        # the paper's MLP in fp32 (whatever the VLM's dtype), input standardized (fit_critic_input)
         self.value_head = nn.Sequential(
             Standardize(hidden), nn.Linear(hidden, 1024), nn.ReLU(), nn.Linear(1024, 512),
             nn.ReLU(), nn.Linear(512, 1),
@@ -521,9 +524,8 @@ def rollout(policy, vec, args, rng, episodes, update=0):
     samples, parse_fails, readouts, gallery = [], 0, 0, []
     policy.eval()  # LoRA dropout off while sampling
     for t in range(S):
-        actions, parsed, prompts, answers, texts = act(
-            policy, args.task, vec["infos"], vec["obs"], args, rng
-        )
+        step = act(policy, args.task, vec["infos"], vec["obs"], args, rng)  # observe, write, parse
+        actions, parsed, prompts, answers, texts = step
         weights = [policy.token_weights(a) for a in answers]
         with torch.no_grad():
             logprob, value, _, _ = policy.score(vec["obs"], prompts, answers, weights)
@@ -531,7 +533,8 @@ def rollout(policy, vec, args, rng, episodes, update=0):
         checks.check_finite("the rollout's log-prob or value", torch.cat([logprob, value]), where)
         logprobs[t], values[t] = logprob.cpu(), value.cpu()
         parse_fails += parsed.count(False)
-        readouts += sum(thought_text(args.task, i) in s for i, s in zip(vec["infos"], texts))
+        expected = [thought_text(args.task, i, args.thoughts) for i in vec["infos"]]  # read-out
+        readouts += sum(e in s for e, s in zip(expected, texts))
         name = envs.TASKS[args.task].action_names[actions[0]]
         gallery.append(dict(info=vec["infos"][0], answer=texts[0], action=name, parsed=parsed[0]))
         for i, env in enumerate(vec["envs"]):
@@ -614,8 +617,7 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
                 scored = policy.score(frames, prompts, answers, weights)
                 newlogprob, newvalue, entropy, newlogp = scored  # (B,) x 3, (B, A, V)
                 newlogprob, newvalue, entropy = newlogprob.cpu(), newvalue.cpu(), entropy.cpu()
-                checks.check_finite("the log-probability", newlogprob, where)
-                checks.check_finite("the value", newvalue, where)
+                checks.check_finite("the log-prob/value", torch.cat([newlogprob, newvalue]), where)
                 logratio = newlogprob - b_logprobs[inds]
                 ratio = logratio.exp()
                 if first_ratio is None:  # == 1 by construction: same scoring path, same weights
@@ -664,9 +666,8 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
 # ---- SFT WARM START: cross-entropy on answers written from the env oracle ----
 def sft_answers(args, env, rng, n, oracle_prob, tokenizer, readout_only=False):
     """n (frame, info, answer ids) from random states: a reset, then 0-3 moves, each the oracle's
-    or a random one, so states off the oracle's path are seen too. The thoughts read the state
-    right; the action is the oracle's with probability `oracle_prob`, else uniformly random.
-    readout_only: answers hold the thoughts alone."""
+    or a random one (states off the oracle's path too). The thoughts read the state right; the
+    action is the oracle's with probability `oracle_prob`, else random (readout_only: none)."""
     names, out = env.action_names, []
     for _ in range(n):
         obs, info = env.reset(seed=int(rng.integers(2**31)))
@@ -677,9 +678,9 @@ def sft_answers(args, env, rng, n, oracle_prob, tokenizer, readout_only=False):
                 break
             obs, info = next_obs, next_info
         action = env.oracle() if rng.random() < oracle_prob else int(rng.integers(len(names)))
-        text = thought_text(args.task, info)
+        text = thought_text(args.task, info, args.thoughts)
         if not readout_only:
-            text = answer_text(args.task, info, names[action], args.cot)
+            text = answer_text(args.task, info, names[action], args.cot, args.thoughts)
         ids = tokenizer(text, add_special_tokens=False).input_ids
         out.append((obs, info, ids + [tokenizer.eos_token_id]))
     return out
@@ -699,7 +700,7 @@ def sft_warm_start(policy, args, rng):
     params = set_trainable(policy, args, "sft")
     optimizer = parallel.Adam(params, lr=args.sft_lr)  # torch's Adam, fp32 copies of bf16 weights
     check = held_out_states(policy, args, args.seed + 10**6, 16)  # states SFT does not train on
-    check = (*check[:2], [thought_text(args.task, i) for i in check[2]])  # can the model see?
+    check = (*check[:2], [thought_text(args.task, i, args.thoughts) for i in check[2]])
     policy.train()
     for step in range(1, args.sft_steps + 1):
         # the pretrained tiny model reads already: read-out steps first help an untrained one only
@@ -743,7 +744,7 @@ def evaluate(policy, args, greedy, rng):
             actions, parsed, _, _, texts = act(policy, args.task, infos, frames, args, rng, greedy)
             for i, action, ok, text in zip(live, actions, parsed, texts):
                 steps, fails = steps + 1, fails + (not ok)
-                readouts += thought_text(args.task, state[i][1]) in text
+                readouts += thought_text(args.task, state[i][1], args.thoughts) in text
                 obs, reward, terminated, truncated, info = group[i].step(action)
                 state[i] = [obs, info, state[i][2] + reward, terminated or truncated]
         returns += [total for _, _, total, _ in state]
@@ -816,10 +817,9 @@ def start_rl(policy, args):
         fit_critic_input(policy, args)  # the head standardizes its input
     if args.kl_coef > 0 and policy.reference is None:
         policy.reference = copy.deepcopy(policy.vlm).requires_grad_(False)
-    # Adam divides each step by a running RMS of past gradients. With beta2 0.999 that RMS forgets
-    # over ~1,000 steps, so after quiet updates a sudden large gradient moves a weight by
-    # 0.1 / sqrt(0.001) = 3.2 learning rates in one step; with 0.99 by 1 (a lagging RMS let
-    # NumberLine's broken-answer bursts start: results/EXPERIMENTS.md §19-20).
+    # Adam divides each step by a running RMS of past gradients; with beta2 0.999 it forgets over
+    # ~1,000 steps, so after quiet updates a sudden large gradient moves a weight 0.1 / sqrt(0.001)
+    # = 3.2 lrs in one step, with 0.99 by 1 (NumberLine's broken-answer bursts: EXPERIMENTS §19-20)
     betas = (0.9, args.adam_beta2)
     return parallel.Adam(params, lr=args.learning_rate, betas=betas, eps=1e-5)  # fp32 copies
 

@@ -426,6 +426,35 @@ def test_thoughts_state_what_the_decision_turns_on():
         assert thought.endswith("a hit can bust" if can else "a hit cannot bust")
 
 
+def test_thoughts_state_drops_the_plan_and_sft_teaches_the_state_only(tiny):
+    """--thoughts state: the thoughts read the state and stop; SFT's answers and the read-out
+    check use them (the ablation of what the plan in the thoughts buys)."""
+    import rl4vlm_min as R
+
+    plan_words = {"numberline": "the target is", "ezpoints": "makes 12", "blackjack": "bust"}
+    tok = tiny[1].tokenizer
+    for task, cls in envs.TASKS.items():
+        env, seen = cls(), set()
+        for seed in range(40):
+            _, info = env.reset(seed=seed)
+            full, state = R.thought_text(task, info), R.thought_text(task, info, "state")
+            if task == "points24":  # its thoughts hold the numbers only: nothing to drop
+                assert state == full
+                continue
+            assert full.startswith(state + ", ") and plan_words[task] in full
+            assert plan_words[task] not in state and "," not in full[len(state) + 2 :]
+            seen.add(full[len(state) + 2 :])
+        assert task == "points24" or len(seen) > 1, (task, seen)  # the plan varies, as it should
+        args = R.parse_args(["--task", task, "--thoughts", "state"])
+        data = R.sft_answers(args, cls(), np.random.default_rng(0), 8, 1.0, tok)
+        for _, info, ids in data:
+            text = tok.decode(ids, skip_special_tokens=True)
+            assert f'"thoughts": "{R.thought_text(task, info, "state")}"' in text, text
+            assert task == "points24" or plan_words[task] not in text, text
+    with pytest.raises(SystemExit):
+        R.parse_args(["--thoughts", "none"])
+
+
 def test_prompt_keeps_image_state_out_of_text():
     nl = R.build_prompt("numberline", {"Target": 4, "Current": 1}, NumberLine.action_names, True)
     assert (

@@ -34,6 +34,7 @@ PAPER = {  # success %, RL4VLM_FACTS.md §4 (LLaVA-1.6-7B)
 ABLATIONS = {
     "CoT, lambda 0.5 (default)": [],
     "no CoT": ["--no-cot"],
+    "thoughts: the state only": ["--thoughts", "state"],
     "lambda 0": ["--thought-coef", "0"],
     "lambda 1": ["--thought-coef", "1"],
 }
@@ -401,7 +402,7 @@ def report(results, ablations, spd, command, wall, threads, episodes, seeds, sou
             continue
         lines += [
             "",
-            f"## Ablations on {task} (CoT and lambda)",
+            f"## Ablations on {task} (CoT, thoughts, lambda)",
             "",
             "| variant | seeds | SFT only (sampled) | after RL (sampled / greedy) | format errors "
             "after RL | ev | max fmt |",
@@ -465,8 +466,9 @@ def main(argv=None):
         type=int,
         nargs="*",
         default=[1],
-        help="EZPoints' (CoT, lambda)",
+        help="EZPoints' (CoT, thoughts, lambda)",
     )
+    flag("--blackjack-ablation-seeds", type=int, nargs="*", default=[], help="Blackjack's")
     flag("--out", default="results", help="where RESULTS.md, curves.png and runs/ go")
     flag("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     flag(
@@ -479,7 +481,8 @@ def main(argv=None):
     torch.set_num_threads(opts.threads)
     t0, source, train = time.time(), commit(opts.out), not opts.report_only
     tasks, seeds, extra = opts.tasks, opts.seeds, []
-    ablation_seeds = {"numberline": seeds, "ezpoints": opts.ezpoints_ablation_seeds}
+    ablation_seeds = {"numberline": seeds, "ezpoints": opts.ezpoints_ablation_seeds,
+                      "blackjack": opts.blackjack_ablation_seeds}  # fmt: skip
     if opts.quick:
         tasks, seeds, ablation_seeds = ["numberline"], [1], {"numberline": [1]}
         extra = "--num-envs 4 --num-steps 4 --total-steps 16 --update-epochs 1 --sft-steps 4 "
