@@ -154,7 +154,7 @@ class Args:
 # sees a reward; Points24 undiscounted: at 0.9 RL learned to stall in long formulas).
 GAME_DEFAULTS = {
     "numberline": dict(sft_oracle_prob=0.0, learning_rate=3e-4),
-    "ezpoints": dict(sft_oracle_prob=0.3, sft_steps=1000, vf_clip=0.0),
+    "ezpoints": dict(sft_oracle_prob=0.6, sft_steps=1000),
     "points24": dict(sft_oracle_prob=0.5, gamma=1.0),
     "blackjack": dict(
         sft_oracle_prob=0.0, sft_steps=2000, sft_lr=3e-4, learning_rate=3e-4, eval_episodes=1000
