@@ -21,7 +21,9 @@ import torch
 from checks import fail
 from parallel import RANK, WORLD, gather, trainable_state
 
-RESUME_FIXED = ("task", "model", "num_envs", "num_steps", "lora_rank", "lora_targets")
+RESUME_FIXED = (
+    "task", "model", "num_envs", "num_steps", "lora_rank", "lora_targets", "cot", "thoughts"
+)  # fmt: skip
 
 
 def resumed_args(args, given):

@@ -27,8 +27,8 @@ Deviations from the paper, each on purpose (the runs behind them: results/EXPERI
 clip 0.1, one grad-norm clip 0.01, advantages normalised per rollout, ...); these remain in it:
 - SFT answers are drawn fresh, written from the env's oracle (the paper's SFT set is not in this
   repo): "one epoch" is --sft-steps x --sft-batch-size answers, each seen once.
-- The thoughts end with a plan, what the decision turns on (NumberLine's side, EZPoints' formula,
-  whether a hit can bust; the paper's Blackjack: the total): --thoughts state drops it.
+- The thoughts end with a plan: EZPoints' formula, Blackjack's "a hit can/cannot bust" (the
+  paper's end with the total), NumberLine's side (as its prompt asks); --thoughts state drops it.
 - RL runs with dropout off (the official code sampled with it on), so the rollout and the update
   score with one function and the first minibatch's ratio is exactly 1.
 - Truncation (NumberLine's 10 moves, the points games' formula cap) is a loss under these games'
@@ -94,7 +94,7 @@ class Args:
     temperature: float = arg(0.2, "sampling temperature; scoring divides the logits by it too")
     max_new_tokens: int = arg(48, "longest answer the model may write")
     cot: bool = arg(True, "thoughts before the action (--no-cot: the action only)")
-    thoughts: Literal["plan", "state"] = arg("plan", "thoughts: state and plan, or state only")
+    thoughts: Literal["plan", "state"] = arg("plan", "plan: the state, then a plan; state: no plan")
     thought_coef: float = arg(0.5, "lambda: weight of the thought tokens' log-prob (actions: 1)")
     # PPO and GAE
     learning_rate: float = arg(1e-4, "Adam learning rate of RL, cosine-decayed to 0")
@@ -253,7 +253,7 @@ def thought_text(task, info, thoughts="plan"):
         cards = ", ".join(str(v) for v in values)  # the cards, their sum, what a hit risks
         text = f"my cards are {cards}, my total is {total}, dealer shows {up}, a hit {risk} bust"
     state_only = thoughts == "state" and task != "points24"  # Points24's hold no plan
-    return text.rsplit(", ", 1)[0] if state_only else text  # the plan is the last clause
+    return text.rsplit(", ", 1)[0] if state_only else text  # a plan is one clause, no comma
 
 
 def answer_text(task, info, action_name, cot, thoughts="plan"):
@@ -617,7 +617,8 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
                 scored = policy.score(frames, prompts, answers, weights)
                 newlogprob, newvalue, entropy, newlogp = scored  # (B,) x 3, (B, A, V)
                 newlogprob, newvalue, entropy = newlogprob.cpu(), newvalue.cpu(), entropy.cpu()
-                checks.check_finite("the log-prob/value", torch.cat([newlogprob, newvalue]), where)
+                checks.check_finite("the log-probability", newlogprob, where)
+                checks.check_finite("the value", newvalue, where)
                 logratio = newlogprob - b_logprobs[inds]
                 ratio = logratio.exp()
                 if first_ratio is None:  # == 1 by construction: same scoring path, same weights
@@ -704,9 +705,8 @@ def sft_warm_start(policy, args, rng):
     policy.train()
     for step in range(1, args.sft_steps + 1):
         # the pretrained tiny model reads already: read-out steps first help an untrained one only
-        readout_only = step <= args.sft_readout
-        n, oracle_prob = args.sft_batch_size, args.sft_oracle_prob
-        data = sft_answers(args, env, rng, n, oracle_prob, tok, readout_only)
+        n, readout_only = args.sft_batch_size, step <= args.sft_readout
+        data = sft_answers(args, env, rng, n, args.sft_oracle_prob, tok, readout_only)
         prompts = task_prompts(policy.processor, args.task, [i for _, i, _ in data], args.cot)
         answers = [ids for _, _, ids in data]
         n_tokens, loss = sum(len(a) for a in answers), 0.0
@@ -818,8 +818,8 @@ def start_rl(policy, args):
     if args.kl_coef > 0 and policy.reference is None:
         policy.reference = copy.deepcopy(policy.vlm).requires_grad_(False)
     # Adam divides each step by a running RMS of past gradients; with beta2 0.999 it forgets over
-    # ~1,000 steps, so after quiet updates a sudden large gradient moves a weight 0.1 / sqrt(0.001)
-    # = 3.2 lrs in one step, with 0.99 by 1 (NumberLine's broken-answer bursts: EXPERIMENTS §19-20)
+    # ~1,000 steps: after quiet updates a sudden large gradient moves a weight by 0.1 / sqrt(0.001)
+    # = 3.2 learning rates at once, by 1 with 0.99 (broken answers: results/EXPERIMENTS.md §19-20)
     betas = (0.9, args.adam_beta2)
     return parallel.Adam(params, lr=args.learning_rate, betas=betas, eps=1e-5)  # fp32 copies
 

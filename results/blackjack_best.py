@@ -47,7 +47,7 @@ def stand(player, up, goal):
 
 @lru_cache(None)
 def play(total, ace, up, goal, policy=None):
-    """Value of the hand under the best play for `goal`, or under `policy`(total, ace, up) -> hit."""
+    """The hand's value under the best play for `goal`, or under policy(total, ace, up) -> hit."""
     if best(total, ace) > 21:
         return 0.0 if goal == "win" else -1.0
     hit = sum(play(total + envs.card_value(r), ace or r == 1, up, goal, policy) for r in RANKS) / 13

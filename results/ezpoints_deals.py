@@ -5,7 +5,8 @@ Loads a run's final model (or, with --sft, the SFT model the run saved) and play
 19 deals make 12 only with * (2 and 6, 3 and 4, either order); the others with +. Prints the
 sampled and greedy success on each kind; at the first step, how often the action writes the
 first number of the formula its thoughts plan; at the step after a right first number, how often
-the thoughts plan the right formula and which operator the action writes.
+the thoughts plan the right formula and which operator the action writes (the last two for a
+run whose thoughts hold a plan: not --no-cot, not --thoughts state).
 Run: python results/ezpoints_deals.py runs/ezpoints-seed1 [N] [--sft]
 """
 
@@ -44,7 +45,7 @@ def play(policy, args, seeds, greedy, rng, chunk=256):
             for i, action, text in zip(live, actions, texts):
                 info, names = state[i][1], envs.EZPoints.action_names
                 plan = envs.EZPoints.plan(info["Numbers"], info["Formula"])
-                if not info["Formula"]:  # the first step: does it write what its thoughts plan?
+                if games[i].slots == 0:  # the first step: does it write what its thoughts plan?
                     said = re.search(r"(\d+) [+*] \d+ makes 12", text)  # the planned formula
                     first[kind(info["Numbers"])].append(bool(said) and said[1] == names[action])
                 if len(info["Formula"]) == 1 and plan:  # the operator's step, on the right path
@@ -63,11 +64,15 @@ def main():
     n = int(next((a for a in rest if a.isdigit()), 1000))
     with open(os.path.join(run, "checkpoint", "meta.json")) as f:
         saved = json.load(f)["args"]
-    args = R.parse_args(["--task", "ezpoints", "--temperature", str(saved["temperature"])])
+    thoughts = saved.get("thoughts", "plan")  # runs older than --thoughts: the plan
+    flags = ["--temperature", str(saved["temperature"]), "--thoughts", thoughts]
+    args = R.parse_args(["--task", "ezpoints", *flags, *([] if saved["cot"] else ["--no-cot"])])
+    plans = saved["cot"] and thoughts == "plan"  # else the thoughts hold no formula
     model = os.path.join(run, "sft_model" if sft else "final_model")
     processor, vlm = R.load_model(model, torch.device("cpu"), torch.float32)
     policy = R.Policy(vlm, processor, args.temperature, args.thought_coef)
     seeds, rng = list(range(FIRST_SEED, FIRST_SEED + n)), np.random.default_rng(0)
+    torch.manual_seed(0)  # generate's sampling: the same figures on every call
     print(f"{model}: {n} episodes from seed {FIRST_SEED}")
     for greedy in (False, True):
         wins, first, second = play(policy, args, seeds, greedy, rng)
@@ -75,7 +80,10 @@ def main():
         total = np.mean([w for k in wins for w in wins[k]])
         print(f"  {mode}: success {total:.3f}")
         for k in ("sum", "product"):
-            print(f"    {k} deals, first step: the action writes the planned first number "
+            print(f"    {k} deals ({len(wins[k])}): success {np.mean(wins[k]):.3f}")
+            if not plans:
+                continue  # --no-cot or --thoughts state: no plan to compare the actions with
+            print(f"      first step: the action writes the planned first number "
                   f"{np.mean(first[k]):.2f} ({len(first[k])} steps)")  # fmt: skip
             counts = second[k]
             steps = sum(counts.values())
@@ -84,9 +92,8 @@ def main():
             for (_, name), c in counts.items():
                 ops[name if name in "+*=" else "a number"] += c
             written = ", ".join(f'"{o}" {c / max(steps, 1):.2f}' for o, c in ops.most_common())
-            print(f"    {k} deals ({len(wins[k])}): success {np.mean(wins[k]):.3f} | after a right "
-                  f"first number ({steps} steps): thoughts plan it right {planned:.2f}; the "
-                  f"action writes {written}")  # fmt: skip
+            print(f"      after a right first number ({steps} steps): thoughts plan it right "
+                  f"{planned:.2f}; the action writes {written}")  # fmt: skip
 
 
 if __name__ == "__main__":
