@@ -1779,6 +1779,7 @@ def test_bench_quick_writes_the_report(tmp_path):
     report = (tmp_path / "RESULTS.md").read_text()
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert "| numberline |" in report and "| no CoT |" in report and "| lambda 1 |" in report
+    assert "| thoughts: the state only |" in report
     rates = [
         float(line.split("|")[2])
         for line in report.splitlines()
