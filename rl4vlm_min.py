@@ -27,8 +27,8 @@ Deviations from the paper, each on purpose (the runs behind them: results/EXPERI
 clip 0.1, one grad-norm clip 0.01, advantages normalised per rollout, ...); these remain in it:
 - SFT answers are drawn fresh, written from the env's oracle (the paper's SFT set is not in this
   repo): "one epoch" is --sft-steps x --sft-batch-size answers, each seen once.
-- The thoughts end with a plan: EZPoints' formula, Blackjack's "a hit can/cannot bust" (the
-  paper's end with the total), NumberLine's side (as its prompt asks); --thoughts state drops it.
+- The thoughts end with a plan: NumberLine's side (as its prompt asks), Blackjack's "a hit can/
+  cannot bust"; EZPoints' read the state only (with the solver's formula, SFT alone solved it).
 - RL runs with dropout off (the official code sampled with it on), so the rollout and the update
   score with one function and the first minibatch's ratio is exactly 1.
 - Truncation (NumberLine's 10 moves, the points games' formula cap) is a loss under these games'
@@ -154,7 +154,7 @@ class Args:
 # sees a reward; Points24 undiscounted: at 0.9 RL learned to stall in long formulas).
 GAME_DEFAULTS = {
     "numberline": dict(sft_oracle_prob=0.0, learning_rate=3e-4),
-    "ezpoints": dict(sft_oracle_prob=0.6, sft_steps=1000),
+    "ezpoints": dict(sft_oracle_prob=0.6, sft_steps=1000, thoughts="state"),
     "points24": dict(sft_oracle_prob=0.5, gamma=1.0),
     "blackjack": dict(
         sft_oracle_prob=0.0, sft_steps=2000, sft_lr=3e-4, learning_rate=3e-4, eval_episodes=1000

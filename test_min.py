@@ -1182,6 +1182,8 @@ def test_game_defaults_then_paper_preset_then_typed_flags():
     assert R.parse_args(["--task", "points24", "--preset", "paper"]).gamma == 0.9
     assert R.parse_args(["--task", "points24", "--gamma", "0.95"]).gamma == 0.95
     assert R.parse_args(["--task", "points24", "--preset", "paper", "--gamma=1"]).gamma == 1.0
+    assert R.parse_args(["--task", "ezpoints"]).thoughts == "state"  # the plan would decide for RL
+    assert R.parse_args(["--task", "ezpoints", "--thoughts", "plan"]).thoughts == "plan"
 
 
 @pytest.mark.parametrize("task", envs.TASKS)
@@ -1780,6 +1782,8 @@ def test_bench_quick_writes_the_report(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert "| numberline |" in report and "| no CoT |" in report and "| lambda 1 |" in report
     assert "| thoughts: the state only |" in report
+    assert "| thoughts: the state, then a plan |" not in report  # NumberLine's default: no row
+    assert [bench.default_thoughts(t) for t in bench.TASKS] == ["plan", "state", "plan", "plan"]
     rates = [
         float(line.split("|")[2])
         for line in report.splitlines()

@@ -34,10 +34,16 @@ PAPER = {  # success %, RL4VLM_FACTS.md §4 (LLaVA-1.6-7B)
 ABLATIONS = {
     "CoT, lambda 0.5 (default)": [],
     "no CoT": ["--no-cot"],
-    "thoughts: the state only": ["--thoughts", "state"],
+    "thoughts: the state only": ["--thoughts", "state"],  # a game's default thoughts: no row
+    "thoughts: the state, then a plan": ["--thoughts", "plan"],
     "lambda 0": ["--thought-coef", "0"],
     "lambda 1": ["--thought-coef", "1"],
 }
+
+
+def default_thoughts(task):
+    """What the game's thoughts hold by default (EZPoints': the state only; the others': a plan)."""
+    return R.GAME_DEFAULTS[task].get("thoughts", R.Args.thoughts)
 
 
 def run(out, name, argv, train=True):
@@ -504,7 +510,11 @@ def main(argv=None):
     results = {task: runs(task, seeds) for task in tasks}
     variants = {k: v for k, v in ABLATIONS.items() if not (opts.quick and k == "lambda 0")}
     ablations = {  # (--quick: lambda 1 alone, to keep the test suite short)
-        task: {name: runs(task, task_seeds, flags) for name, flags in variants.items()}
+        task: {
+            name: runs(task, task_seeds, flags)
+            for name, flags in variants.items()
+            if flags[:1] != ["--thoughts"] or flags[1] != default_thoughts(task)
+        }
         for task, task_seeds in ablation_seeds.items()
         if task_seeds
     }
