@@ -27,8 +27,8 @@ Deviations from the paper, each on purpose (the runs behind them: results/EXPERI
 clip 0.1, one grad-norm clip 0.01, advantages normalised per rollout, ...); these remain in it:
 - SFT answers are drawn fresh, written from the env's oracle (the paper's SFT set is not in this
   repo): "one epoch" is --sft-steps x --sft-batch-size answers, each seen once.
-- The thoughts end with a plan: NumberLine's side (as its prompt asks), Blackjack's "a hit can/
-  cannot bust"; EZPoints' read the state only (with the solver's formula, SFT alone solved it).
+- NumberLine's and Blackjack's thoughts end with a plan (the target's side, as its prompt asks;
+  "a hit can/cannot bust"); EZPoints' read the state only, as the paper's do (see --thoughts).
 - RL runs with dropout off (the official code sampled with it on), so the rollout and the update
   score with one function and the first minibatch's ratio is exactly 1.
 - Truncation (NumberLine's 10 moves, the points games' formula cap) is a loss under these games'
@@ -94,7 +94,7 @@ class Args:
     temperature: float = arg(0.2, "sampling temperature; scoring divides the logits by it too")
     max_new_tokens: int = arg(48, "longest answer the model may write")
     cot: bool = arg(True, "thoughts before the action (--no-cot: the action only)")
-    thoughts: Literal["plan", "state"] = arg("plan", "plan: the state, then a plan; state: no plan")
+    thoughts: Literal["plan", "state"] = arg("plan", "plan: state + a plan; state: none (per game)")
     thought_coef: float = arg(0.5, "lambda: weight of the thought tokens' log-prob (actions: 1)")
     # PPO and GAE
     learning_rate: float = arg(1e-4, "Adam learning rate of RL, cosine-decayed to 0")
@@ -237,7 +237,7 @@ def task_prompts(processor, task, infos, cot):
 def thought_text(task, info, thoughts="plan"):
     """What the thoughts should read out of the image (the SFT target and the read-out check),
     then a plan: NumberLine's comparison (the paper's prompt asks to think it through first),
-    EZPoints' formula, whether a hit can bust. thoughts="state" (--thoughts): the state only."""
+    EZPoints' formula, whether a hit can bust. thoughts="state": the state only (EZPoints')."""
     if task == "numberline":
         side = "higher" if info["Target"] > info["Current"] else "lower"
         text = f"current is {info['Current']}, target is {info['Target']}, the target is {side}"
