@@ -472,6 +472,13 @@ def main(argv=None):
     flag("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of the full benchmark")
     flag("--tasks", nargs="+", default=TASKS, choices=TASKS, help="games of the main table")
     flag(
+        "--numberline-ablation-seeds",
+        type=int,
+        nargs="*",
+        default=None,
+        help="NumberLine's (CoT, thoughts, lambda); default: --seeds",
+    )
+    flag(
         "--ezpoints-ablation-seeds",
         type=int,
         nargs="*",
@@ -491,7 +498,8 @@ def main(argv=None):
     torch.set_num_threads(opts.threads)
     t0, source, train = time.time(), commit(opts.out), not opts.report_only
     tasks, seeds, extra = opts.tasks, opts.seeds, []
-    ablation_seeds = {"numberline": seeds, "ezpoints": opts.ezpoints_ablation_seeds,
+    nl_seeds = seeds if opts.numberline_ablation_seeds is None else opts.numberline_ablation_seeds
+    ablation_seeds = {"numberline": nl_seeds, "ezpoints": opts.ezpoints_ablation_seeds,
                       "blackjack": opts.blackjack_ablation_seeds}  # fmt: skip
     if opts.quick:
         tasks, seeds, ablation_seeds = ["numberline"], [1], {"numberline": [1]}
