@@ -597,8 +597,7 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
     actor = [p for p in policy.vlm.parameters() if p.requires_grad]
     critic = list(policy.value_head.parameters())
     keys = ("pg_loss", "v_loss", "entropy", "kl_ref", "approx_kl", "clipfrac", "grad_norm")
-    stats = {key: [] for key in keys}
-    first_ratio = None
+    stats, first_ratio = {key: [] for key in keys}, None
     policy.train()
     for epoch in range(args.update_epochs):
         where = f"update {update}, epoch {epoch}"
@@ -672,13 +671,14 @@ def sft_answers(args, env, rng, n, oracle_prob, tokenizer, readout_only=False):
     names, out = env.action_names, []
     for _ in range(n):
         obs, info = env.reset(seed=int(rng.integers(2**31)))
+        best = env.oracle()  # the oracle's action in the state kept, never in a terminal one
         for _ in range(int(rng.integers(4))):
-            move = env.oracle() if rng.random() < 0.5 else int(rng.integers(len(names)))
+            move = best if rng.random() < 0.5 else int(rng.integers(len(names)))
             next_obs, _, terminated, truncated, next_info = env.step(move)
             if terminated or truncated:
                 break
-            obs, info = next_obs, next_info
-        action = env.oracle() if rng.random() < oracle_prob else int(rng.integers(len(names)))
+            obs, info, best = next_obs, next_info, env.oracle()
+        action = best if rng.random() < oracle_prob else int(rng.integers(len(names)))
         text = thought_text(args.task, info, args.thoughts)
         if not readout_only:
             text = answer_text(args.task, info, names[action], args.cot, args.thoughts)

@@ -426,6 +426,27 @@ def test_thoughts_state_what_the_decision_turns_on():
         assert thought.endswith("a hit can bust" if can else "a hit cannot bust")
 
 
+def test_sft_labels_each_state_with_the_oracles_action_in_that_state(tiny):
+    """SFT's oracle action is the one for the state its answer shows, also where the random walk
+    ended the episode (NumberLine moving onto the target, a Blackjack bust, a Points "="): read
+    from the terminal state, "current is 2, target is 3, the target is higher" was taught "-"."""
+    tok, seen = tiny[1].tokenizer, 0
+    for task, cls in envs.TASKS.items():
+
+        class Tagged(cls):  # every info carries the oracle's action in its own state
+            def info(self):
+                return {**super().info(), "want": self.action_names[self.oracle()]}
+
+        args = R.parse_args(["--task", task])
+        data = R.sft_answers(args, Tagged(), np.random.default_rng(0), 200, 1.0, tok)
+        for _, info, ids in data:
+            text = tok.decode(ids, skip_special_tokens=True)
+            index, parsed = R.parse_action(text, cls.action_names)
+            assert parsed and cls.action_names[index] == info["want"], (task, text)
+            seen += 1
+    assert seen == 800
+
+
 def test_thoughts_state_drops_the_plan_and_sft_teaches_the_state_only(tiny, monkeypatch):
     """--thoughts state: the thoughts read the state and stop; SFT's answers and every read-out
     check (SFT's log, rollout, evaluation) use them (the ablation of what the plan buys)."""
