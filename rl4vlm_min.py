@@ -472,8 +472,8 @@ class Policy(nn.Module):
     def state_features(self, hidden, prompt_mask):  # the value head's input (B, H), in fp32
         if self.value_input == "last":
             return hidden[:, -1].float()  # the last prompt token, thanks to left padding
-        m = prompt_mask[..., None].to(hidden.dtype)  # (B, P, 1)
-        return ((hidden * m).sum(1) / m.sum(1)).detach().float()
+        m = prompt_mask[..., None].float()  # (B, P, 1); summed in fp32 (bf16 counts past 256 round)
+        return ((hidden.float() * m).sum(1) / m.sum(1)).detach()
 
     @torch.no_grad()
     def features(self, frames, prompts):  # the value head's input (B, H) from frames and prompts

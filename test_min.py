@@ -426,6 +426,22 @@ def test_thoughts_state_what_the_decision_turns_on():
         assert thought.endswith("a hit can bust" if can else "a hit cannot bust")
 
 
+def test_value_input_mean_is_summed_in_fp32_for_a_bf16_model():
+    """--value-input mean on a bf16 model: the mean over a long prompt (an image's hundreds of
+    tokens) is taken in fp32. Summed in bf16, the sum keeps 8 significant bits and a count of 601
+    rounds, an error near the gaps between states' features that the critic must tell apart."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(0)
+    hidden = (1 + torch.rand(2, 700, 16, generator=g)).to(torch.bfloat16)
+    mask = torch.zeros(2, 700)
+    mask[0, 99:], mask[1, 300:] = 1, 1  # 601 and 400 prompt tokens (left padding)
+    feats = R.Policy.state_features(SimpleNamespace(value_input="mean"), hidden, mask)
+    exact = [hidden[i, mask[i] > 0].double().mean(0) for i in range(2)]
+    assert feats.dtype == torch.float32 and not feats.requires_grad
+    assert torch.allclose(feats.double(), torch.stack(exact), rtol=1e-6, atol=0)
+
+
 def test_sft_labels_each_state_with_the_oracles_action_in_that_state(tiny):
     """SFT's oracle action is the one for the state its answer shows, also where the random walk
     ended the episode (NumberLine moving onto the target, a Blackjack bust, a Points "="): read
