@@ -32,12 +32,15 @@ def kind(numbers):
 
 def play(policy, args, seeds, greedy, rng, chunk=256):
     """Per kind of deal: successes, first steps (the action writes the planned first number), and
-    (planned formula right, action written) counts at the step whose formula is one right number."""
+    (planned formula right, action written) counts at the step whose formula is one right number;
+    per deal: (success, the actions written) of each episode."""
     wins, first = collections.defaultdict(list), collections.defaultdict(list)
+    deals = collections.defaultdict(list)
     second = collections.defaultdict(collections.Counter)
     for lo in range(0, len(seeds), chunk):
         games = [envs.EZPoints() for _ in seeds[lo : lo + chunk]]
         state = [[*g.reset(seed=s), 0.0, False] for g, s in zip(games, seeds[lo : lo + chunk])]
+        written = [[] for _ in games]
         while not all(done for *_, done in state):
             live = [i for i, (*_, done) in enumerate(state) if not done]
             infos, frames = [state[i][1] for i in live], [state[i][0] for i in live]
@@ -51,11 +54,13 @@ def play(policy, args, seeds, greedy, rng, chunk=256):
                 if len(info["Formula"]) == 1 and plan:  # the operator's step, on the right path
                     planned = f"{' '.join(plan)} makes 12" in text
                     second[kind(info["Numbers"])][(planned, names[action])] += 1
+                written[i].append(names[action])
                 obs, reward, terminated, truncated, new_info = games[i].step(action)
                 state[i] = [obs, new_info, state[i][2] + reward, terminated or truncated]
         for i, game in enumerate(games):
             wins[kind(game.numbers())].append(state[i][2] > 0)
-    return wins, first, second
+            deals[tuple(game.numbers())].append((state[i][2] > 0, " ".join(written[i])))
+    return wins, first, second, deals
 
 
 def main():
@@ -75,7 +80,7 @@ def main():
     torch.manual_seed(0)  # generate's sampling: the same figures on every call
     print(f"{model}: {n} episodes from seed {FIRST_SEED}")
     for greedy in (False, True):
-        wins, first, second = play(policy, args, seeds, greedy, rng)
+        wins, first, second, deals = play(policy, args, seeds, greedy, rng)
         mode = "greedy" if greedy else f"sampled (T={args.temperature})"
         total = np.mean([w for k in wins for w in wins[k]])
         print(f"  {mode}: success {total:.3f}")
@@ -94,6 +99,12 @@ def main():
             written = ", ".join(f'"{o}" {c / max(steps, 1):.2f}' for o, c in ops.most_common())
             print(f"      after a right first number ({steps} steps): thoughts plan it right "
                   f"{planned:.2f}; the action writes {written}")  # fmt: skip
+        print("    by deal (card values as shown): success, the formulas written most often")
+        for deal, games in sorted(deals.items()):
+            often = collections.Counter(formula for _, formula in games).most_common(2)
+            shown = ", ".join(f'"{f}" {c}' for f, c in often)
+            print(f"      {deal[0]:>2} {deal[1]:>2}: {np.mean([w for w, _ in games]):.2f} "
+                  f"of {len(games):>3}; {shown}")  # fmt: skip
 
 
 if __name__ == "__main__":
