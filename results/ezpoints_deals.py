@@ -100,11 +100,11 @@ def main():
             print(f"      after a right first number ({steps} steps): thoughts plan it right "
                   f"{planned:.2f}; the action writes {written}")  # fmt: skip
         print("    by deal (card values as shown): success, the formulas written most often")
-        for deal, games in sorted(deals.items()):
-            often = collections.Counter(formula for _, formula in games).most_common(2)
+        for deal, episodes in sorted(deals.items()):
+            often = collections.Counter(formula for _, formula in episodes).most_common(2)
             shown = ", ".join(f'"{f}" {c}' for f, c in often)
-            print(f"      {deal[0]:>2} {deal[1]:>2}: {np.mean([w for w, _ in games]):.2f} "
-                  f"of {len(games):>3}; {shown}")  # fmt: skip
+            print(f"      {deal[0]:>2} {deal[1]:>2}: {np.mean([w for w, _ in episodes]):.2f} "
+                  f"of {len(episodes):>3}; {shown}")  # fmt: skip
 
 
 if __name__ == "__main__":
