@@ -79,6 +79,13 @@ def log_sft_step(policy, args, step, loss, check):
               f"read-out (greedy) {readout:.2f}", flush=True)  # fmt: skip
 
 
+def finite_mean(values):
+    """The mean of the workers' figures, leaving out a NaN: a worker whose returns hardly varied
+    has no explained variance (NaN), and the others' figures still tell how the critic does."""
+    kept = [v for v in values if not math.isnan(v)]
+    return float(np.mean(kept)) if kept else float("nan")
+
+
 def update_row(args, update, lr, episodes, data, stats, t_update):
     """One update's metrics over all workers: success and return of their last 100 episodes each,
     the mean of each worker's rates and losses."""
@@ -86,7 +93,7 @@ def update_row(args, update, lr, episodes, data, stats, t_update):
     mine = dict(
         format_error_rate=data["format_error_rate"], readout_acc=data["readout_acc"], **stats
     )
-    merged = {key: float(np.mean([worker[key] for worker in gather(mine)])) for key in mine}
+    merged = {key: finite_mean([worker[key] for worker in gather(mine)]) for key in mine}
     nan = float("nan")
     return dict(
         update=update, env_steps=update * args.batch_size * WORLD, lr=lr,

@@ -1702,6 +1702,27 @@ def averaged_gradient_worker(rank, path, port, out):
     torch.distributed.destroy_process_group()
 
 
+def test_a_flat_worker_leaves_the_others_explained_variance_in_the_row(monkeypatch):
+    """torchrun: a worker whose returns hardly varied logs NaN; the row keeps the others' mean."""
+
+    def two_workers(obj):  # this worker's figures, and a second worker's
+        if isinstance(obj, dict):
+            return [obj, dict(obj, explained_var=0.5, pg_loss=0.3)]
+        return [obj, obj]
+
+    monkeypatch.setattr(report, "gather", two_workers)
+    args = SimpleNamespace(batch_size=4)
+    data = dict(format_error_rate=0.25, readout_acc=1.0, gallery=[])
+    for mine, expected in ((float("nan"), 0.5), (0.1, 0.3)):
+        stats = dict(explained_var=mine, pg_loss=0.1)
+        row = report.update_row(args, 1, 1e-4, [(1.0, 3)], data, stats, 0.0)
+        assert row["explained_var"] == pytest.approx(expected)
+        assert row["pg_loss"] == pytest.approx(0.2) and row["format_error_rate"] == 0.25
+    monkeypatch.setattr(report, "gather", lambda obj: [obj, obj])  # every worker flat: NaN
+    row = report.update_row(args, 1, 1e-4, [], data, dict(explained_var=float("nan")), 0.0)
+    assert np.isnan(row["explained_var"]) and np.isnan(row["success"])
+
+
 def union_minibatch(policy):
     env = NumberLine()
     states = [env.reset(seed=s) for s in range(4)]
