@@ -153,7 +153,7 @@ class Args:
 # README.md, "Each game's defaults" (e.g. the points games' SFT must finish formulas, or RL never
 # sees a reward; Points24 undiscounted: at 0.9 RL learned to stall in long formulas).
 GAME_DEFAULTS = {
-    "numberline": dict(sft_oracle_prob=0.0, learning_rate=3e-4),
+    "numberline": dict(sft_oracle_prob=0.0, learning_rate=3e-4, sft_steps=100, update_epochs=2),
     "ezpoints": dict(sft_oracle_prob=0.6, sft_steps=1000, thoughts="state"),
     "points24": dict(sft_oracle_prob=0.5, gamma=1.0),
     "blackjack": dict(
