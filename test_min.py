@@ -1841,6 +1841,7 @@ def test_bench_quick_writes_the_report(tmp_path):
     assert "| numberline |" in report and "| no CoT |" in report and "| lambda 1 |" in report
     assert "| thoughts: the state only |" in report
     assert "| thoughts: the state, then a plan |" not in report  # NumberLine's default: no row
+    assert "One default NumberLine update (4 envs x 4 steps, 1 epoch(s) of minibatch 32)" in report
     assert [bench.default_thoughts(t) for t in bench.TASKS] == ["plan", "state", "plan", "plan"]
     rates = [
         float(line.split("|")[2])

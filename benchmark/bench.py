@@ -201,7 +201,7 @@ def speed(model_path, out_dir, steps):
         R.ppo_update(policy, optimizer, data, adv, ret, args, generator, 1)
         updates[mb] = args.batch_size / (time.perf_counter() - t)
         rows[f"PPO update, minibatch {mb} (samples/s)"] = updates[mb]
-    # where the time of one default update goes (16 envs x 8 steps, 4 epochs, minibatch 32)
+    # where the time of one default NumberLine update goes (16 envs x 8 steps, minibatch 32)
     small = [] if steps >= 64 else ["--num-envs", "4", "--num-steps", "4", "--update-epochs", "1"]
     size = ["--total-steps", "128" if steps >= 64 else "16", *small]  # --quick: a smaller update
     args = R.parse_args(["--model", model_path, *size, "--output-dir", out_dir])
@@ -246,6 +246,7 @@ def speed(model_path, out_dir, steps):
         worker_ratio=list(workers.values())[1] / list(workers.values())[0],
         breakdown=parts,
         update_seconds=total,
+        update=f"{args.num_envs} envs x {args.num_steps} steps, {args.update_epochs} epoch(s)",
     )
 
 
@@ -453,7 +454,8 @@ def report(results, ablations, spd, command, wall, threads, episodes, seeds, sou
         f"Training with 2 torchrun workers (1 thread each) vs 1 process (2 threads) on the same 2 cores: "
         f"**{spd['worker_ratio']:.2f}x** env-steps/s.",
         "",
-        f"One default update (16 envs x 8 steps, 4 epochs of minibatch 32): {spd['update_seconds']:.1f} s",
+        f"One default NumberLine update ({spd['update']} of minibatch 32): "
+        f"{spd['update_seconds']:.1f} s",
         "",
         "| part | seconds | share |",
         "|---|---|---|",
