@@ -37,13 +37,13 @@ clip 0.1, one grad-norm clip 0.01, advantages normalised per rollout, ...); thes
 - The official code's defects are not repeated: the thought/action split comes from character
   offsets (not token ids), each sample is re-scored with its own prompt, and evaluation exists.
 Without the preset, for the tiny model (tiny-llava/: 0.5M parameters, word-level tokenizer, image
-after the text; its recipe taught it to read the four games' frames and answer in their JSON
-format, at random, as a 7B LLaVA's pretraining would): lr 1e-4 or 3e-4, clip 0.2, 16 envs x 8
-steps, all weights train; SFT answers at random in NumberLine and Blackjack; the value head reads
-the prompt's mean hidden state, detached and standardized (not its last token's); a KL penalty
-toward the SFT policy (--kl-coef 0.5, exact over the vocabulary) and Adam's beta2 0.99 make bursts
-of broken answers rarer; the two gradients are clipped to 0.5 apart; advantages are normalised per
-minibatch; Points24 is undiscounted (gamma 1: at 0.9 stalling in long formulas beat pressing "=").
+after the text; its recipe taught it to read the games' frames and answer in their JSON format, at
+random, as a 7B LLaVA's pretraining would): lr 1e-4 or 3e-4, clip 0.2, 16 envs x 8 steps, all
+weights train, 2 PPO epochs in NumberLine (others 4); SFT answers at random in NumberLine and
+Blackjack; the value head reads the prompt's mean hidden state, detached and standardized; a KL
+penalty toward the SFT policy (--kl-coef 0.5, exact over the vocabulary) and Adam's beta2 0.99 make
+bursts of broken answers rarer; the two gradients are clipped to 0.5 apart; advantages are
+normalised per minibatch; Points24 is undiscounted (gamma 1; why: see GAME_DEFAULTS).
 """
 
 import copy
@@ -100,7 +100,7 @@ class Args:
     learning_rate: float = arg(1e-4, "Adam learning rate of RL, cosine-decayed to 0")
     gamma: float = arg(0.9, "discount factor")
     gae_lambda: float = arg(0.95, "GAE lambda")
-    update_epochs: int = arg(4, "passes over the rollout batch per update")
+    update_epochs: int = arg(4, "passes over the rollout batch per update (per game)")
     num_minibatches: int = arg(4, "optimizer steps per epoch: the batch split into this many")
     micro_batch_size: int = arg(32, "samples per forward/backward (gradient accumulation)")
     clip_coef: float = arg(0.2, "PPO clip range of the ratio")
@@ -128,7 +128,7 @@ class Args:
         "auto", "the VLM's dtype; auto: bf16 on a GPU that has it, else fp32 (trained: fp32 copies)"
     )
     # SFT warm start
-    sft_steps: int = arg(500, "supervised warm-start steps before RL (0 = none)")
+    sft_steps: int = arg(500, "supervised warm-start steps before RL (0 = none; per game)")
     sft_batch_size: int = arg(16, "answers per SFT step")
     sft_lr: float = arg(1e-3, "Adam learning rate of SFT")
     sft_readout_steps: int = arg(0, "first SFT steps on the thoughts alone (-1: half of SFT)")
