@@ -88,6 +88,10 @@ def check_args(args, eval_seed):
         (0 <= args.thought_coef <= 1, "--thought-coef must be in [0, 1]"),
         (0 <= args.sft_oracle_prob <= 1, "--sft-oracle-prob must be in [0, 1]"),
         (min(args.lora_rank, args.sft_steps) >= 0, "--lora-rank, --sft-steps must be >= 0"),
+        (
+            args.lora_rank > 0 or not args.lora_in_sft,
+            "--lora-in-sft trains the adapters only: give it a --lora-rank > 0",
+        ),
         (args.max_new_tokens > 0, "--max-new-tokens must be > 0"),
         (args.eval_episodes > 0, "--eval-episodes must be > 0"),
         (args.sft_readout_steps >= -1, "--sft-readout-steps must be >= 0, or -1 (half of SFT)"),

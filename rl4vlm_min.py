@@ -30,7 +30,7 @@ clip 0.1, one grad-norm clip 0.01, advantages normalised per rollout, ...); thes
 - NumberLine's and Blackjack's thoughts end with a plan (the target's side, as its prompt asks;
   "a hit can/cannot bust"); EZPoints' read the state only, as the paper's do (see --thoughts).
 - RL runs with dropout off (the official code sampled with it on), so the rollout and the update
-  score with one function and the first minibatch's ratio is exactly 1.
+  score with one function and the first minibatch's ratio is 1 (to float rounding; tested).
 - Truncation (NumberLine's 10 moves, the points games' formula cap) is a loss under these games'
   rules, so it ends the episode like a termination: nothing bootstraps.
 - Trained bf16 weights keep fp32 copies (parallel.Adam); the lr decays to 0, not 1e-9.
@@ -181,12 +181,12 @@ def parse_args(argv=None):
         args = checkpoints.resumed_args(args, given)  # the run's own settings, from its checkpoint
     else:  # the game's defaults, then the paper's (--preset paper); any flag typed wins
         settings = dict(GAME_DEFAULTS[args.task])
-        if args.preset == "paper":
+        if args.preset == "paper":  # 512 or 1024 steps per update, over however many envs
             steps = 1024 if args.task in ("ezpoints", "points24") else 512
-            settings.update(PAPER_PRESET, num_steps=steps // 4, num_minibatches=steps // 128)
-        for key, value in settings.items():
-            if key not in given:
-                setattr(args, key, value)
+            envs = min(steps, args.num_envs) if "num_envs" in given else PAPER_PRESET["num_envs"]
+            settings.update(PAPER_PRESET, num_steps=steps // envs, num_minibatches=steps // 128)
+        for key in settings.keys() - given:
+            setattr(args, key, settings[key])
         args.__post_init__()
     return checks.check_args(args, EVAL_SEED)  # every value in range, or what to change
 
@@ -620,7 +620,7 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
                 checks.check_finite("the value", newvalue, where)
                 logratio = newlogprob - b_logprobs[inds]
                 ratio = logratio.exp()
-                if first_ratio is None:  # == 1 by construction: same scoring path, same weights
+                if first_ratio is None:  # 1 to rounding: the rollout's scoring path and weights
                     first_ratio = ratio.detach()
                 with torch.no_grad():
                     stats["approx_kl"].append(((ratio - 1) - logratio).mean().item())  # k3

@@ -1221,6 +1221,10 @@ def test_game_defaults_then_paper_preset_then_typed_flags():
     assert R.parse_args(["--task", "points24", "--preset", "paper", "--gamma=1"]).gamma == 1.0
     assert R.parse_args(["--task", "ezpoints"]).thoughts == "state"  # the plan would decide for RL
     assert R.parse_args(["--task", "ezpoints", "--thoughts", "plan"]).thoughts == "plan"
+    for task, steps in [("numberline", 512), ("points24", 1024)]:  # the paper's steps per update
+        for typed in ([], ["--num-envs", "8"]):  # over its 4 envs or however many are typed
+            args = R.parse_args(["--task", task, "--preset", "paper", *typed])
+            assert (args.batch_size, args.num_minibatches) == (steps, steps // 128)
 
 
 @pytest.mark.parametrize("task", envs.TASKS)
@@ -1270,6 +1274,7 @@ def test_each_game_default_configuration_completes(task, tmp_path):
         (["--minibatch-size", "4"], "unknown argument '--minibatch-size'; did you mean --num-mini"),
         (["--num-env", "4"], "did you mean --num-envs?"),
         (["--seed", "1000"], "--seed must be in 0..999"),
+        (["--lora-in-sft"], "--lora-in-sft trains the adapters only: give it a --lora-rank > 0"),
     ],
 )
 def test_cli_bad_values_exit_2_with_one_line(argv, message):
