@@ -1,6 +1,6 @@
 """Tests for rl4vlm-min: the envs' rules, then the RL4VLM loop's invariants, then the real CLI.
 
-Run: HF_HUB_OFFLINE=1 python -m pytest -q test_min.py
+Run: HF_HUB_OFFLINE=1 python -m pytest -q -n 2 test_min.py (two processes; without -n 2, one)
 """
 
 import itertools
@@ -265,6 +265,10 @@ from types import SimpleNamespace
 
 import torch
 import transformers
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # the README's `pytest -n 2`: two worker processes,
+    os.environ["OMP_NUM_THREADS"] = "1"  # one torch thread each (and in the subprocesses they
+    torch.set_num_threads(1)  # start), so the two share 2 cores without oversubscribing them
 
 import build_tiny_llava as B
 import checkpoints
@@ -1306,6 +1310,9 @@ def test_notebook_runs_top_to_bottom():
     (where,) = [i for i, c in enumerate(nb.cells) if "args = R.parse_args(ARGV)" in c.source]
     short = "args = R.parse_args([*ARGV, '--sft-steps', '30', '--total-steps', '128', "
     short += "'--eval-episodes', '20'])"
+    # the lecture sets 2 torch threads; the kernel takes this process's count instead (1 under
+    # the README's `pytest -n 2`, whose other worker uses the second core)
+    short += f"\ntorch.set_num_threads({torch.get_num_threads()})"
     nb.cells.insert(where + 1, nbformat.v4.new_code_cell(short))
     NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": HERE}}
