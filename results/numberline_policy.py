@@ -1,9 +1,11 @@
 """How sure is a trained NumberLine policy of its move, state by state?
 
-Loads a run's final model and, for each of the 30 (target, current) frames, scores two answers with
-the right thoughts: one ending in the right move, one in the wrong move. Their log-probabilities at
-the sampling temperature (0.2) differ only by the action token, so p = 1 / (1 + exp(wrong - right))
-is the chance that a sample which read the state right also moves right. Prints p per state.
+Loads a run's final model and, for each of the 30 (target, current) frames, scores two whole answers
+(as SFT writes them, EOS included) with the right thoughts: one with the right move, one with the
+wrong move. They share every token up to the move, so at the sampling temperature (0.2)
+p = 1 / (1 + exp(logp_wrong - logp_right)) is the chance, between these two answers, that a sample
+which read the state right also moves right (the tokens after the move, '"}' and EOS, count too).
+Prints p per state. For runs of the default settings (thoughts with the plan, T 0.2).
 Run: python results/numberline_policy.py runs/numberline-seed1
 """
 
@@ -35,7 +37,7 @@ for target in range(6):
         logps = []
         for move in (right, wrong):
             text = R.answer_text("numberline", info, move, True)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             with torch.no_grad():
                 logp, *_ = policy.score([frame], prompt, [ids], [[1.0] * len(ids)])
             logps.append(logp.item())
