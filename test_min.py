@@ -1863,6 +1863,15 @@ def test_bench_quick_writes_the_report(tmp_path):
         or line.startswith("| PPO update,")
     ]
     assert len(rates) == 7 and all(r > 0 for r in rates)
+    # the ablations' report alone (no main-table game): no curves, no speed, and no traceback
+    (tmp_path / "curves.png").unlink()
+    only = ["--tasks", "--numberline-ablation-seeds", "1", "--ezpoints-ablation-seeds"]
+    bench.main(["--report-only", "--no-speed", "--out", str(tmp_path), *only])
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert "| no CoT |" in report and "| numberline |" not in report and "curves.png" not in report
+    assert not (tmp_path / "curves.png").exists()
+    with pytest.raises(SystemExit, match="no finished run under"):  # nothing trained: one line
+        bench.main(["--report-only", "--out", str(tmp_path / "empty")])
 
 
 # ---- LOWER PRECISION: what a bf16 GPU run meets, shown on the CPU in bf16 ----

@@ -406,7 +406,7 @@ def report(results, ablations, spd, command, wall, threads, episodes, seeds, sou
                 f"- seed {seed}: hits {hit:.2f} of the {n} hands of 11 or less (basic strategy and "
                 f"the target: 1.00); agrees with basic strategy on {agree:.2f} of all deals"
             )
-    lines += ["", "![learning curves](curves.png)"]
+    lines += ["", "![learning curves](curves.png)"] if results else []
     for task, variants in ablations.items():
         if not variants:
             continue
@@ -472,7 +472,8 @@ def main(argv=None):
     flag = parser.add_argument
     flag("--quick", action="store_true", help="NumberLine, one seed, short runs (a smoke test)")
     flag("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of the full benchmark")
-    flag("--tasks", nargs="+", default=TASKS, choices=TASKS, help="games of the main table")
+    flag("--tasks", nargs="*", default=TASKS, choices=TASKS, help="games of the main table (none:"
+         " a report of ablations only)")  # fmt: skip
     flag(
         "--numberline-ablation-seeds",
         type=int,
@@ -544,12 +545,17 @@ def main(argv=None):
     black = {}
     for seed in results.get("blackjack", {}):
         black[seed] = blackjack_choices(os.path.join(opts.out, "runs", f"blackjack-seed{seed}"))
-    spd = None
-    if not opts.no_speed:
-        model = os.path.join(opts.out, "runs", f"numberline-seed{seeds[0]}", "final_model")
+    if not results and not any(ablations.values()):
+        sys.exit(f"bench.py: no finished run under {opts.out}/runs for these games and seeds; "
+                 "train them first (leave out --report-only)")  # fmt: skip
+    spd, model = None, os.path.join(opts.out, "runs", f"numberline-seed{seeds[0]}", "final_model")
+    if not opts.no_speed and not os.path.isdir(model):
+        print(f"speed left out of the report: it measures with {model}, which is not there")
+    elif not opts.no_speed:
         spd = speed(model, os.path.join(opts.out, "runs", "speed"), 16 if opts.quick else 64)
     os.makedirs(opts.out, exist_ok=True)
-    curves(results, os.path.join(opts.out, "curves.png"))
+    if results:  # the learning curves of the main table's runs
+        curves(results, os.path.join(opts.out, "curves.png"))
     command = " ".join(["python benchmark/bench.py", *(argv if argv is not None else sys.argv[1:])])
     text = report(
         results, ablations, spd, command, time.time() - t0, opts.threads,
@@ -558,7 +564,8 @@ def main(argv=None):
     )  # fmt: skip
     with open(os.path.join(opts.out, "RESULTS.md"), "w") as f:
         f.write(text)
-    print(f"wrote {opts.out}/RESULTS.md and curves.png in {(time.time() - t0) / 60:.1f} min")
+    wrote = "RESULTS.md and curves.png" if results else "RESULTS.md (no main-table runs: no curves)"
+    print(f"wrote {opts.out}/{wrote} in {(time.time() - t0) / 60:.1f} min")
 
 
 if __name__ == "__main__":
