@@ -1866,10 +1866,12 @@ def test_bench_quick_writes_the_report(tmp_path):
     # the ablations' report alone (no main-table game): no curves, no speed, and no traceback
     (tmp_path / "curves.png").unlink()
     only = ["--tasks", "--numberline-ablation-seeds", "1", "--ezpoints-ablation-seeds"]
-    bench.main(["--report-only", "--no-speed", "--out", str(tmp_path), *only])
+    bench.main(["--report-only", "--out", str(tmp_path), *only])
     report = (tmp_path / "RESULTS.md").read_text()
     assert "| no CoT |" in report and "| numberline |" not in report and "curves.png" not in report
-    assert not (tmp_path / "curves.png").exists()
+    assert "No main table" in report and "| task | seed |" not in report
+    assert "Speed: not measured: it needs the main table's NumberLine run of seed 1." in report
+    assert not (tmp_path / "curves.png").exists()  # not drawn (the one of the first call removed)
     with pytest.raises(SystemExit, match="no finished run under"):  # nothing trained: one line
         bench.main(["--report-only", "--out", str(tmp_path / "empty")])
 

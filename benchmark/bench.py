@@ -361,10 +361,16 @@ def report(results, ablations, spd, command, wall, threads, episodes, seeds, sou
         "largest format-error rate of an update after the second. s: the run's wall seconds "
         "(train(): loading, SFT, both evaluations and RL; Python's start-up not included).",
         "",
-        "| task | seeds | random | oracle | SFT only (sampled / greedy) | after RL (sampled / "
-        "greedy) | gain | read-out | ev | max fmt | s | paper: SFT -> RL (LLaVA-1.6-7B) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    lines += (
+        [
+            "| task | seeds | random | oracle | SFT only (sampled / greedy) | after RL (sampled / "
+            "greedy) | gain | read-out | ev | max fmt | s | paper: SFT -> RL (LLaVA-1.6-7B) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        if results
+        else ["No main table: no game of `--tasks` has a finished run; the ablations only."]
+    )
     for task, group in results.items():
         s, rows = [x for x, _ in group.values()], [r for _, r in group.values()]
         get = functools.partial(pick, s)
@@ -380,14 +386,18 @@ def report(results, ablations, spd, command, wall, threads, episodes, seeds, sou
             f"{max(max_fmt(r) for r in rows):.2f} | {np.mean(get('wall_seconds')):.0f} | "
             f"{PAPER['sft'][task]} -> {PAPER['rl'][task]} |"
         )
-    lines += [
-        "",
-        "Per seed (the issue's targets are per seed):",
-        "",
-        "| task | seed | SFT only (sampled / greedy) | after RL (sampled / greedy) | gain | "
-        "read-out | ev | max fmt | s |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines += (
+        [
+            "",
+            "Per seed (the issue's targets are per seed):",
+            "",
+            "| task | seed | SFT only (sampled / greedy) | after RL (sampled / greedy) | gain | "
+            "read-out | ev | max fmt | s |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        if results
+        else []
+    )
     for task, group in results.items():
         for seed, (s, rows) in group.items():
             b, a = s["before"], s["after"]
@@ -437,8 +447,8 @@ def report(results, ablations, spd, command, wall, threads, episodes, seeds, sou
     if missing:
         missing = ", ".join(dict.fromkeys(missing))  # a default run sits in two tables
         lines += ["", f"Not run (not finished when this report was written): {missing}"]
-    if spd is None:
-        return "\n".join(lines) + "\n"
+    if spd is None or isinstance(spd, str):  # --no-speed, or why it was not measured
+        return "\n".join(lines + (["", f"Speed: {spd}."] if spd else [])) + "\n"
     lines += [
         "",
         "## Speed (one process, the NumberLine model trained above)",
@@ -546,13 +556,17 @@ def main(argv=None):
     for seed in results.get("blackjack", {}):
         black[seed] = blackjack_choices(os.path.join(opts.out, "runs", f"blackjack-seed{seed}"))
     if not results and not any(ablations.values()):
-        sys.exit(f"bench.py: no finished run under {opts.out}/runs for these games and seeds; "
-                 "train them first (leave out --report-only)")  # fmt: skip
-    spd, model = None, os.path.join(opts.out, "runs", f"numberline-seed{seeds[0]}", "final_model")
-    if not opts.no_speed and not os.path.isdir(model):
-        print(f"speed left out of the report: it measures with {model}, which is not there")
-    elif not opts.no_speed:
+        hint = (
+            "train them (leave out --report-only)" if opts.report_only else "name a game or seeds"
+        )
+        sys.exit(f"bench.py: no finished run under {opts.out}/runs for the games and seeds named "
+                 f"(--tasks, --seeds, --*-ablation-seeds): {hint}")  # fmt: skip
+    spd = None  # measured with the main table's first NumberLine run, if the report has one
+    if not opts.no_speed and seeds[0] in results.get("numberline", {}):
+        model = os.path.join(opts.out, "runs", f"numberline-seed{seeds[0]}", "final_model")
         spd = speed(model, os.path.join(opts.out, "runs", "speed"), 16 if opts.quick else 64)
+    elif not opts.no_speed:
+        spd = f"not measured: it needs the main table's NumberLine run of seed {seeds[0]}"
     os.makedirs(opts.out, exist_ok=True)
     if results:  # the learning curves of the main table's runs
         curves(results, os.path.join(opts.out, "curves.png"))
