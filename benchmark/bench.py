@@ -362,15 +362,14 @@ def report(results, ablations, spd, command, wall, threads, episodes, seeds, sou
         "(train(): loading, SFT, both evaluations and RL; Python's start-up not included).",
         "",
     ]
-    lines += (
-        [
+    if not results:
+        lines.append("No main table: no game of `--tasks` has a finished run; the ablations only.")
+    else:
+        lines += [
             "| task | seeds | random | oracle | SFT only (sampled / greedy) | after RL (sampled / "
             "greedy) | gain | read-out | ev | max fmt | s | paper: SFT -> RL (LLaVA-1.6-7B) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        if results
-        else ["No main table: no game of `--tasks` has a finished run; the ablations only."]
-    )
     for task, group in results.items():
         s, rows = [x for x, _ in group.values()], [r for _, r in group.values()]
         get = functools.partial(pick, s)
@@ -386,8 +385,8 @@ def report(results, ablations, spd, command, wall, threads, episodes, seeds, sou
             f"{max(max_fmt(r) for r in rows):.2f} | {np.mean(get('wall_seconds')):.0f} | "
             f"{PAPER['sft'][task]} -> {PAPER['rl'][task]} |"
         )
-    lines += (
-        [
+    if results:
+        lines += [
             "",
             "Per seed (the issue's targets are per seed):",
             "",
@@ -395,9 +394,6 @@ def report(results, ablations, spd, command, wall, threads, episodes, seeds, sou
             "read-out | ev | max fmt | s |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        if results
-        else []
-    )
     for task, group in results.items():
         for seed, (s, rows) in group.items():
             b, a = s["before"], s["after"]
@@ -447,7 +443,7 @@ def report(results, ablations, spd, command, wall, threads, episodes, seeds, sou
     if missing:
         missing = ", ".join(dict.fromkeys(missing))  # a default run sits in two tables
         lines += ["", f"Not run (not finished when this report was written): {missing}"]
-    if spd is None or isinstance(spd, str):  # --no-speed, or why it was not measured
+    if not isinstance(spd, dict):  # None (--no-speed), or a line saying why it was not measured
         return "\n".join(lines + (["", f"Speed: {spd}."] if spd else [])) + "\n"
     lines += [
         "",
