@@ -1168,8 +1168,11 @@ def test_cli_end_to_end_and_deterministic(tmp_path):
     assert runs[0] == runs[1]
 
 
-def test_help_lists_the_kebab_case_flags():
-    out = run_cli("--help", timeout=120).stdout
+def test_help_lists_the_kebab_case_flags(capsys):
+    with pytest.raises(SystemExit) as stop:
+        R.main(["--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0
     assert "--num-envs" in out and "--sft-readout-steps" in out and "--no-cot" in out
     assert "--num_envs" not in out and "--no_cot" not in out
     assert R.parse_args(["--num_envs", "4"]).num_envs == 4  # the snake_case spelling still works
@@ -1272,16 +1275,31 @@ def test_each_game_default_configuration_completes(task, tmp_path):
         (["--num-steps", "0"], "num-steps"),
         (["--num-minibatches", "200"], "num-minibatches"),
         (["--adam-beta2", "1"], "adam-beta2"),
-        (["--model", "/no/such/model", "--sft-steps", "0"], "cannot load"),
-        (["--output-dir", "/proc/no/such/dir"], "cannot write"),
-        (["--resume", "/no/such/run"], "holds no checkpoint"),
         (["--minibatch-size", "4"], "unknown argument '--minibatch-size'; did you mean --num-mini"),
         (["--num-env", "4"], "did you mean --num-envs?"),
         (["--seed", "1000"], "--seed must be in 0..999"),
         (["--lora-in-sft"], "--lora-in-sft trains the adapters only: give it a --lora-rank > 0"),
     ],
 )
+def test_bad_flag_values_exit_2_with_one_line(argv, message, capsys):
+    """Caught while parsing: in this process (a subprocess would spend ~10 s importing torch)."""
+    with pytest.raises(SystemExit) as stop:
+        R.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--task", "chess"], "task"),  # a parse error, as a user meets it
+        (["--model", "/no/such/model", "--sft-steps", "0"], "cannot load"),
+        (["--output-dir", "/proc/no/such/dir"], "cannot write"),
+        (["--resume", "/no/such/run"], "holds no checkpoint"),
+    ],
+)
 def test_cli_bad_values_exit_2_with_one_line(argv, message):
+    """The real command: nothing else (a warning, a traceback) reaches stderr."""
     proc = run_cli(*argv, timeout=120)
     assert (
         proc.returncode == 2

@@ -234,9 +234,11 @@ def speed(model_path, out_dir, steps):
         parts.get(k, 0.0) for k in in_update
     )
     parts["other (prompts, parsing, GAE, logging)"] = total - sum(parts.values())
+    full = steps >= 64  # --quick: 2 envs, 2 updates, 1 core (a smoke test of the measurement)
     workers = worker_speed(
-        model_path, out_dir, num_envs=16 if steps >= 64 else 4, cores=2 if steps >= 64 else 1
-    )
+        model_path, out_dir, num_envs=16 if full else 2, cores=2 if full else 1,
+        updates=4 if full else 2,
+    )  # fmt: skip
     rows.update(workers)
     return dict(
         throughput=rows,
@@ -250,10 +252,10 @@ def speed(model_path, out_dir, steps):
     )
 
 
-def worker_speed(model_path, out_dir, num_envs, cores):
+def worker_speed(model_path, out_dir, num_envs, cores, updates):
     """Env-steps/s of a whole training update (rollout + PPO) with 1 process of 2 threads vs 2 torchrun workers
     of 1 thread each: the same 2 cores either way (cores=1 in --quick: 1 thread each, a smoke test).
-    Mean over the updates after the first."""
+    Each run trains `updates` updates; the rate is the mean over those after the first."""
     rows = {}
     for workers in (1, 2):
         run_dir = os.path.join(out_dir, f"workers{workers}")
@@ -282,7 +284,7 @@ def worker_speed(model_path, out_dir, num_envs, cores):
                 "--micro-batch-size",
                 str(num_envs),
                 "--total-steps",
-                str(4 * 4 * num_envs * workers),
+                str(updates * 4 * num_envs * workers),
                 "--output-dir",
                 run_dir,
             ],
