@@ -106,7 +106,7 @@ class Args:
     clip_coef: float = arg(0.2, "PPO clip range of the ratio")
     vf_clip: float = arg(0.2, "V clipped to within this of its rollout value (0: no clip)")
     adv_norm: Literal["minibatch", "rollout"] = arg(
-        "minibatch", "normalise the advantages per minibatch, or once per rollout (the paper)"
+        "minibatch", "normalise the advantages per minibatch, or once per rollout (paper; per game)"
     )
     ent_coef: float = arg(0.0, "entropy bonus (mean per answer token)")
     kl_coef: float = arg(0.5, "KL(policy || SFT policy) per answer token (0: off, the paper)")
@@ -162,7 +162,7 @@ GAME_DEFAULTS = {
     ),
 }
 # §2 of the paper; steps per update 512 (NumberLine, Blackjack) or 1024, in minibatches of 128.
-# A 7B model's full SFT needs ~150 GB (weights, grads, fp32 copies, Adam): on one GPU --lora-in-sft
+# A 7B model's full SFT needs ~150 GB (weights, grads, fp32 copies, Adam): one GPU needs LoRA in SFT
 PAPER_PRESET = dict(
     temperature=0.2, thought_coef=0.5, max_new_tokens=256, clip_coef=0.1, vf_clip=0.1, kl_coef=0.0,
     gamma=0.9, gae_lambda=0.95, update_epochs=4, adv_norm="rollout", value_input="last",

@@ -1281,8 +1281,10 @@ def test_each_game_default_configuration_completes(task, tmp_path):
         (["--lora-in-sft"], "--lora-in-sft trains the adapters only: give it a --lora-rank > 0"),
     ],
 )
-def test_bad_flag_values_exit_2_with_one_line(argv, message, capsys):
+@pytest.mark.filterwarnings("error")  # a warning would reach a user's stderr: fail on it here
+def test_bad_flag_values_exit_2_with_one_line_in_process(argv, message, capsys, monkeypatch):
     """Caught while parsing: in this process (a subprocess would spend ~10 s importing torch)."""
+    monkeypatch.setattr(R, "train", lambda args: pytest.fail(f"{argv} got past parsing"))
     with pytest.raises(SystemExit) as stop:
         R.main(argv)
     err = capsys.readouterr().err
@@ -1298,7 +1300,7 @@ def test_bad_flag_values_exit_2_with_one_line(argv, message, capsys):
         (["--resume", "/no/such/run"], "holds no checkpoint"),
     ],
 )
-def test_cli_bad_values_exit_2_with_one_line(argv, message):
+def test_cli_bad_values_exit_2_with_one_line_as_a_command(argv, message):
     """The real command: nothing else (a warning, a traceback) reaches stderr."""
     proc = run_cli(*argv, timeout=120)
     assert (
@@ -1892,6 +1894,13 @@ def test_bench_quick_writes_the_report(tmp_path):
     assert not (tmp_path / "curves.png").exists()  # not drawn (the one of the first call removed)
     with pytest.raises(SystemExit, match="no finished run under"):  # nothing trained: one line
         bench.main(["--report-only", "--out", str(tmp_path / "empty")])
+    # a finished run is reused by name: one trained with other settings is refused, not reported
+    meta_path = tmp_path / "runs" / "numberline-seed1" / "checkpoint" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["args"]["adv_norm"] = "minibatch"  # NumberLine's default before 'rollout'
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(SystemExit, match="trained with adv_norm 'minibatch' .today: 'rollout'."):
+        bench.main(["--report-only", "--quick", "--out", str(tmp_path)])
 
 
 # ---- LOWER PRECISION: what a bf16 GPU run meets, shown on the CPU in bf16 ----

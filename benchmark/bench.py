@@ -9,6 +9,7 @@ not run again, so an interrupted benchmark continues where it stopped.
 """
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -53,21 +54,41 @@ def run(out, name, argv, train=True):
     """One training run (or its saved result). Returns (summary, metrics rows), or None when the
     run has not finished and train is False (--report-only)."""
     run_dir = os.path.join(out, "runs", name)
-    if run_dir in LOADED:
-        return LOADED[run_dir]
+    args = R.parse_args([*argv, "--output-dir", run_dir])
     if not os.path.exists(os.path.join(run_dir, "summary.json")):
         if not train:
             return None
         print(f"\n=== {name}: python rl4vlm_min.py {' '.join(argv)}", flush=True)
-        R.train(R.parse_args([*argv, "--output-dir", run_dir]))
-    with open(os.path.join(run_dir, "summary.json")) as f:
-        summary = json.load(f)
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        LOADED[run_dir] = summary, [json.loads(line) for line in f]
+        R.train(args)
+    check_settings(run_dir, args)
+    if run_dir not in LOADED:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary = json.load(f)
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            LOADED[run_dir] = summary, [json.loads(line) for line in f]
     return LOADED[run_dir]
 
 
 LOADED = {}  # run folder -> (summary, rows): a run shared by two tables is read once
+
+
+def check_settings(run_dir, args):
+    """A finished run is reused by its folder's name: refuse one trained with other settings (an
+    earlier default, say) than today's defaults plus its flags, rather than report it as today's."""
+    meta = os.path.join(run_dir, "checkpoint", "meta.json")
+    if not os.path.exists(meta):  # (a run without its checkpoint: nothing to compare)
+        return
+    with open(meta) as f:
+        saved = json.load(f)["args"]
+    now = dataclasses.asdict(args)
+    differ = [
+        f"{key} {saved[key]!r} (today: {now[key]!r})"
+        for key in sorted(saved.keys() & now.keys())
+        if key not in ("output_dir", "resume", "dry_run") and saved[key] != now[key]
+    ]
+    if differ:
+        sys.exit(f"bench.py: {run_dir} was trained with {', '.join(differ)}: move it away, or "
+                 "give another --out, to train it again")  # fmt: skip
 
 
 def commit(path):
