@@ -43,7 +43,7 @@ weights train, 2 PPO epochs in NumberLine (others 4); SFT answers at random in N
 Blackjack; the value head reads the prompt's mean hidden state, detached and standardized; a KL
 penalty toward the SFT policy (--kl-coef 0.5, exact over the vocabulary) and Adam's beta2 0.99 make
 bursts of broken answers rarer; the two gradients are clipped to 0.5 apart; advantages are
-normalised per minibatch (NumberLine's per rollout); Points24 is undiscounted (gamma 1).
+normalised per minibatch; Points24 is undiscounted (gamma 1; why: see GAME_DEFAULTS).
 """
 
 import copy
@@ -106,7 +106,7 @@ class Args:
     clip_coef: float = arg(0.2, "PPO clip range of the ratio")
     vf_clip: float = arg(0.2, "V clipped to within this of its rollout value (0: no clip)")
     adv_norm: Literal["minibatch", "rollout"] = arg(
-        "minibatch", "normalise the advantages per minibatch, or once per rollout (paper; per game)"
+        "minibatch", "normalise the advantages per minibatch, or once per rollout (the paper)"
     )
     ent_coef: float = arg(0.0, "entropy bonus (mean per answer token)")
     kl_coef: float = arg(0.5, "KL(policy || SFT policy) per answer token (0: off, the paper)")
@@ -150,11 +150,10 @@ class Args:
 
 
 # Each game's tuned settings, set before the flags you type (which win); why each, with its runs:
-# README.md, "Each game's defaults" (e.g. Points24 undiscounted: at 0.9 RL stalled in long formulas)
+# README.md, "Each game's defaults" (e.g. the points games' SFT must finish formulas, or RL never
+# sees a reward; Points24 undiscounted: at 0.9 RL learned to stall in long formulas).
 GAME_DEFAULTS = {
-    "numberline": dict(
-        sft_oracle_prob=0.0, learning_rate=3e-4, sft_steps=100, update_epochs=2, adv_norm="rollout"
-    ),
+    "numberline": dict(sft_oracle_prob=0.0, learning_rate=3e-4, sft_steps=100, update_epochs=2),
     "ezpoints": dict(sft_oracle_prob=0.6, sft_steps=1000, thoughts="state"),
     "points24": dict(sft_oracle_prob=0.5, gamma=1.0),
     "blackjack": dict(
@@ -162,7 +161,8 @@ GAME_DEFAULTS = {
     ),
 }
 # §2 of the paper; steps per update 512 (NumberLine, Blackjack) or 1024, in minibatches of 128.
-# A 7B model's full SFT needs ~150 GB (weights, grads, fp32 copies, Adam): one GPU needs LoRA in SFT
+# A 7B model's full SFT needs ~150 GB (bf16 weights and gradients, fp32 copies, Adam): on one GPU
+# add --lora-in-sft (SFT trains LoRA only; memory: --dry-run)
 PAPER_PRESET = dict(
     temperature=0.2, thought_coef=0.5, max_new_tokens=256, clip_coef=0.1, vf_clip=0.1, kl_coef=0.0,
     gamma=0.9, gae_lambda=0.95, update_epochs=4, adv_norm="rollout", value_input="last",

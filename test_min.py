@@ -1886,7 +1886,7 @@ def test_bench_quick_writes_the_report(tmp_path):
     # the ablations' report alone (no main-table game): no curves, no speed, and no traceback
     (tmp_path / "curves.png").unlink()
     only = ["--tasks", "--numberline-ablation-seeds", "1", "--ezpoints-ablation-seeds"]
-    bench.main(["--report-only", "--out", str(tmp_path), *only])
+    bench.main(["--report-only", "--quick", "--out", str(tmp_path), *only])
     report = (tmp_path / "RESULTS.md").read_text()
     assert "| no CoT |" in report and "| numberline |" not in report and "curves.png" not in report
     assert "No main table" in report and "| task | seed |" not in report
@@ -1897,9 +1897,9 @@ def test_bench_quick_writes_the_report(tmp_path):
     # a finished run is reused by name: one trained with other settings is refused, not reported
     meta_path = tmp_path / "runs" / "numberline-seed1" / "checkpoint" / "meta.json"
     meta = json.loads(meta_path.read_text())
-    meta["args"]["adv_norm"] = "minibatch"  # NumberLine's default before 'rollout'
+    meta["args"]["adv_norm"] = "rollout"  # as if made when this was NumberLine's default
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(SystemExit, match="trained with adv_norm 'minibatch' .today: 'rollout'."):
+    with pytest.raises(SystemExit, match="trained with adv_norm 'rollout' .today: 'minibatch'."):
         bench.main(["--report-only", "--quick", "--out", str(tmp_path)])
 
 
