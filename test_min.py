@@ -1901,6 +1901,13 @@ def test_bench_quick_writes_the_report(tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(SystemExit, match="trained with adv_norm 'rollout' .today: 'minibatch'."):
         bench.main(["--report-only", "--quick", "--out", str(tmp_path)])
+    # a field only one side has (added or removed since) is not a difference
+    del meta["args"]["adv_norm"]
+    meta["args"]["a_removed_flag"] = 1
+    meta_path.write_text(json.dumps(meta))
+    (tmp_path / "RESULTS.md").unlink()
+    bench.main(["--report-only", "--quick", "--no-speed", "--out", str(tmp_path)])
+    assert "| numberline |" in (tmp_path / "RESULTS.md").read_text()
 
 
 # ---- LOWER PRECISION: what a bf16 GPU run meets, shown on the CPU in bf16 ----

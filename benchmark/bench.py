@@ -77,7 +77,8 @@ def check_settings(run_dir, args):
     """A finished run is reused by its folder's name: refuse one trained with other settings (an
     earlier default, say) than today's defaults plus its flags, rather than report it as today's."""
     meta = os.path.join(run_dir, "checkpoint", "meta.json")
-    if not os.path.exists(meta):  # (a run without its checkpoint: nothing to compare)
+    if not os.path.exists(meta):  # a run without its checkpoint cannot be checked: say so
+        print(f"bench.py: {run_dir} has no checkpoint/meta.json: its settings are not checked")
         return
     with open(meta) as f:
         saved = json.load(f)["args"]
@@ -537,7 +538,7 @@ def main(argv=None):
 
     tasks = given(opts.tasks, TASKS, ["numberline"])
     seeds = given(opts.seeds, [1, 2, 3], [1])
-    ablation_seeds = {"numberline": given(opts.numberline_ablation_seeds, seeds, [1]),
+    ablation_seeds = {"numberline": given(opts.numberline_ablation_seeds, seeds, seeds),
                       "ezpoints": given(opts.ezpoints_ablation_seeds, [1], []),
                       "blackjack": opts.blackjack_ablation_seeds}  # fmt: skip
     extra = []
