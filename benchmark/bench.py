@@ -61,8 +61,8 @@ def run(out, name, argv, train=True):
             return None
         print(f"\n=== {name}: python rl4vlm_min.py {' '.join(argv)}", flush=True)
         R.train(args)
-    check_settings(run_dir, args)
     if run_dir not in LOADED:
+        check_settings(run_dir, args)
         with open(os.path.join(run_dir, "summary.json")) as f:
             summary = json.load(f)
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -70,7 +70,7 @@ def run(out, name, argv, train=True):
     return LOADED[run_dir]
 
 
-LOADED = {}  # run folder -> (summary, rows): a run shared by two tables is read once
+LOADED = {}  # run folder -> (summary, rows): a run shared by two tables is checked and read once
 
 
 def check_settings(run_dir, args):
@@ -530,6 +530,7 @@ def main(argv=None):
     flag("--report-only", action="store_true", help="no training: report the finished runs")
     flag("--no-speed", action="store_true", help="leave the speed measurement out of the report")
     opts = parser.parse_args(argv)
+    LOADED.clear()  # each invocation reads (and checks) its runs afresh
     torch.set_num_threads(opts.threads)
     t0, source, train = time.time(), commit(opts.out), not opts.report_only
 
