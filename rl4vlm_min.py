@@ -6,7 +6,7 @@ chain of thought and then the action as text ({"thoughts": ..., "action": ...});
 text to a legal action; the env returns a reward. The action's log-probability is
     log pi(a|s) = lambda * sum log p(thought tokens) + sum log p(action tokens)   (paper, eq. 4.2)
 and PPO with GAE trains the VLM and a value head on the per-step rewards, after a supervised warm
-start (SFT) on answers written from an oracle, as in the paper.
+start (SFT) on answers whose thoughts read the state right, as in the paper.
 
     python rl4vlm_min.py --task numberline               # CPU, an embedded tiny LLaVA, minutes
     python rl4vlm_min.py --model llava-hf/llava-v1.6-mistral-7b-hf --preset paper --lora-in-sft
@@ -23,8 +23,8 @@ Shapes: N envs, S steps per env per update, B batch (samples), P prompt tokens, 
 T = P + A, V vocabulary, H hidden size.
 
 Deviations from the paper, each on purpose (the runs behind them: results/EXPERIMENTS.md).
---preset paper sets §2 (SFT of every weight at lr 2e-5, then LoRA 128 on every linear layer in RL,
-clip 0.1, one grad-norm clip 0.01, advantages normalised per rollout, ...); these remain in it:
+--preset paper sets the paper's (SFT of every weight at lr 2e-5, then LoRA 128 on every linear
+layer in RL, clip 0.1, one grad-norm clip 0.01, advantages normalised per rollout...); these stay:
 - SFT answers are drawn fresh, written from the env's oracle (the paper's SFT set is not in this
   repo): "one epoch" is --sft-steps x --sft-batch-size answers, each seen once.
 - NumberLine's and Blackjack's thoughts end with a plan (the target's side, as its prompt asks;
@@ -33,7 +33,7 @@ clip 0.1, one grad-norm clip 0.01, advantages normalised per rollout, ...); thes
   score with one function and the first minibatch's ratio is 1 (to float rounding; tested).
 - Truncation (NumberLine's 10 moves, the points games' formula cap) is a loss under these games'
   rules, so it ends the episode like a termination: nothing bootstraps.
-- Trained bf16 weights keep fp32 copies (parallel.Adam); the lr decays to 0, not 1e-9.
+- Trained bf16 weights keep fp32 copies (parallel.Adam); the lr decays toward 0, not 1e-9.
 - The official code's defects are not repeated: the thought/action split comes from character
   offsets (not token ids), each sample is re-scored with its own prompt, and evaluation exists.
 Without the preset, for the tiny model (tiny-llava/: 0.5M parameters, word-level tokenizer, image
@@ -42,8 +42,8 @@ random, as a 7B LLaVA's pretraining would): lr 1e-4 or 3e-4, clip 0.2, 16 envs x
 weights train, 2 PPO epochs in NumberLine (others 4); SFT answers at random in NumberLine and
 Blackjack; the value head reads the prompt's mean hidden state, detached and standardized; a KL
 penalty toward the SFT policy (--kl-coef 0.5, exact over the vocabulary) and Adam's beta2 0.99 make
-bursts of broken answers rarer; the two gradients are clipped to 0.5 apart; advantages are
-normalised per minibatch; Points24 is undiscounted (gamma 1; why: see GAME_DEFAULTS).
+bursts of broken answers rarer; the VLM's and the value head's gradients are each clipped to norm
+0.5; advantages are normalised per minibatch; Points24 is undiscounted (gamma 1; see GAME_DEFAULTS).
 """
 
 import copy
@@ -67,7 +67,7 @@ import checks
 import envs
 import parallel
 import report
-from parallel import RANK, WORLD
+from parallel import RANK, WORLD  # this worker's index, the workers' count (0, 1: no torchrun)
 
 transformers.utils.logging.disable_progress_bar()  # no load/save progress bars for a 1 MB model
 
@@ -84,7 +84,7 @@ class Args:
         "numberline", "which card env to learn; sets that game's row of GAME_DEFAULTS first"
     )
     model: str = arg("tiny", "'tiny' (the embedded LLaVA, tiny-llava/), a Hugging Face id or path")
-    preset: Literal["tiny", "paper"] = arg("tiny", "'paper': §2 of RL4VLM before your flags")
+    preset: Literal["tiny", "paper"] = arg("tiny", "'paper': the paper's settings, then your flags")
     seed: int = arg(1, "seeds torch, numpy, python, the envs, sampling and the SFT data")
     output_dir: str = arg("", "metrics, checkpoints and plots (default runs/<task>-seed<seed>)")
     # rollout
@@ -94,10 +94,10 @@ class Args:
     temperature: float = arg(0.2, "sampling temperature; scoring divides the logits by it too")
     max_new_tokens: int = arg(48, "longest answer the model may write")
     cot: bool = arg(True, "thoughts before the action (--no-cot: the action only)")
-    thoughts: Literal["plan", "state"] = arg("plan", "plan: state + a plan; state: none (per game)")
+    thoughts: Literal["plan", "state"] = arg("plan", "plan: state + a plan; state: the state only")
     thought_coef: float = arg(0.5, "lambda: weight of the thought tokens' log-prob (actions: 1)")
     # PPO and GAE
-    learning_rate: float = arg(1e-4, "Adam learning rate of RL, cosine-decayed to 0")
+    learning_rate: float = arg(1e-4, "Adam learning rate of RL, cosine-decayed toward 0")
     gamma: float = arg(0.9, "discount factor")
     gae_lambda: float = arg(0.95, "GAE lambda")
     update_epochs: int = arg(4, "passes over the rollout batch per update (per game)")
@@ -160,7 +160,7 @@ GAME_DEFAULTS = {
         sft_oracle_prob=0.0, sft_steps=2000, sft_lr=3e-4, learning_rate=3e-4, eval_episodes=1000
     ),
 }
-# §2 of the paper; steps per update 512 (NumberLine, Blackjack) or 1024, in minibatches of 128.
+# The paper's settings; steps per update 512 (NumberLine, Blackjack) or 1024, in minibatches of 128.
 # A 7B model's full SFT needs ~150 GB (bf16 weights and gradients, fp32 copies, Adam): on one GPU
 # add --lora-in-sft (SFT trains LoRA only; memory: --dry-run)
 PAPER_PRESET = dict(
@@ -183,8 +183,8 @@ def parse_args(argv=None):
         settings = dict(GAME_DEFAULTS[args.task])
         if args.preset == "paper":  # 512 or 1024 steps per update, over however many envs
             steps = 1024 if args.task in ("ezpoints", "points24") else 512
-            envs = min(steps, args.num_envs) if "num_envs" in given else PAPER_PRESET["num_envs"]
-            settings.update(PAPER_PRESET, num_steps=steps // envs, num_minibatches=steps // 128)
+            n_envs = min(steps, args.num_envs) if "num_envs" in given else PAPER_PRESET["num_envs"]
+            settings.update(PAPER_PRESET, num_steps=steps // n_envs, num_minibatches=steps // 128)
         for key in settings.keys() - given:
             setattr(args, key, settings[key])
         args.__post_init__()
@@ -383,7 +383,7 @@ class Policy(nn.Module):
         self.banned = sorted({t for t in (image_id, self.pad_id) if t not in (None, self.eos_id)})
 
     def device(self):
-        return self.value_head[1].weight.device
+        return self.value_head[1].weight.device  # [0]: Standardize, [1]: the first Linear
 
     def encode_prompts(self, frames, prompts):
         """Frames + chat-rendered prompts -> a left-padded batch: input_ids (B, P), ..."""
@@ -394,7 +394,7 @@ class Policy(nn.Module):
     def generate(self, frames, prompts, greedy, max_new_tokens):
         """One batched generate for all envs: the answer token ids per env, EOS included."""
         batch = self.encode_prompts(frames, prompts)
-        config = checks.sampling_config(self, greedy, max_new_tokens)  # T, nothing else
+        config = checks.sampling_config(self, greedy, max_new_tokens)  # temperature; no top-k/p
         with torch.no_grad():
             seqs = self.vlm.generate(**batch, generation_config=config)  # (B, P + A)
         answers = []
@@ -559,8 +559,8 @@ def rollout(policy, vec, args, rng, episodes, update=0):
 # ---- GAE ----
 def compute_gae(rewards, values, dones, next_value, gamma, gae_lambda):
     """Generalized advantage estimation. rewards, values, dones: (S, N); dones[t] = 1 when the
-    episode ended with step t (so step t+1 starts a new one); next_value: (N,) = V(s_S).
-    Returns advantages, returns."""
+    episode ended with step t (so step t+1 starts a new one; CleanRL stores it one step later);
+    next_value: (N,) = V(s_S). Returns advantages, returns."""
     S = rewards.shape[0]
     advantages = torch.zeros_like(rewards)  # (S, N)
     lastgaelam = torch.zeros_like(next_value)  # (N,)
@@ -646,8 +646,8 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
                 for key, val in zip(keys, (pg_loss, v_loss, entropy.mean(), kl_ref)):
                     stats[key].append(val.item())
             parallel.average_gradients(actor + critic)  # torchrun: the mean over workers
-            # "apart": clipped together (the paper), the value loss's larger gradient shrank the
-            # policy's step (at NumberLine's RL start: norm 4.2 on the value head, 1.7 on the VLM)
+            # "apart": each clipped on its own; clipped together (the paper's "joint"), the value
+            # loss's larger gradient shrank the policy's step (NumberLine: norms 4.2 and 1.7)
             groups = [actor, critic] if args.grad_clip == "apart" else [actor + critic]
             norms = [nn.utils.clip_grad_norm_(g, args.max_grad_norm).item() for g in groups]
             checks.check_finite("the gradient norm", torch.tensor(norms), where)
@@ -655,7 +655,7 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
             optimizer.step()
     out = {k: float(np.mean(v)) for k, v in stats.items()}
     # explained_var: 1 when V(s) predicts the returns, 0 when it does no better than their mean;
-    # NaN (logged "flat") when the returns hardly vary (std < 0.05), where the ratio means nothing
+    # NaN (logged "flat") when the returns hardly vary (std < 0.05): a variance ratio of noise
     y_pred, y_true = b_values.numpy(), b_returns.numpy()
     flat = np.std(y_true) < 0.05
     out["explained_var"] = np.nan if flat else float(1 - np.var(y_true - y_pred) / np.var(y_true))
@@ -700,7 +700,7 @@ def sft_warm_start(policy, args, rng):
     env, tok = envs.TASKS[args.task](), policy.processor.tokenizer
     params = set_trainable(policy, args, "sft")
     optimizer = parallel.Adam(params, lr=args.sft_lr)  # torch's Adam, fp32 copies of bf16 weights
-    check = held_out_states(policy, args, args.seed + 10**6, 16)  # states SFT does not train on
+    check = held_out_states(policy, args, args.seed + 10**6, 16)  # its own draws (states may recur)
     check = (*check[:2], [thought_text(args.task, i, args.thoughts) for i in check[2]])
     policy.train()
     for step in range(1, args.sft_steps + 1):
@@ -835,7 +835,7 @@ def ppo_loop(policy, optimizer, args, rng, generator):
     for update in range(first_update, args.num_updates + 1):
         t_update = time.time()
         lr = 0.5 * args.learning_rate * (1 + math.cos(math.pi * (update - 1) / args.num_updates))
-        for group in optimizer.param_groups:  # cosine decay to 0
+        for group in optimizer.param_groups:  # cosine decay (update 1: the full lr)
             group["lr"] = lr
         data = rollout(policy, vec, args, rng, episodes, update)
         gae_input = (data["rewards"], data["values"], data["dones"], data["next_value"])
