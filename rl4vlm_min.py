@@ -646,8 +646,8 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
                 for key, val in zip(keys, (pg_loss, v_loss, entropy.mean(), kl_ref)):
                     stats[key].append(val.item())
             parallel.average_gradients(actor + critic)  # torchrun: the mean over workers
-            # "apart": each clipped on its own; clipped together (the paper's "joint"), the value
-            # loss's larger gradient shrank the policy's step (NumberLine: norms 4.2 and 1.7)
+            # "apart": each clipped on its own; clipped together (the paper; --grad-clip joint) the
+            # value loss's larger gradient shrank the policy's step (NumberLine: head 4.2, VLM 1.7)
             groups = [actor, critic] if args.grad_clip == "apart" else [actor + critic]
             norms = [nn.utils.clip_grad_norm_(g, args.max_grad_norm).item() for g in groups]
             checks.check_finite("the gradient norm", torch.tensor(norms), where)
@@ -700,7 +700,7 @@ def sft_warm_start(policy, args, rng):
     env, tok = envs.TASKS[args.task](), policy.processor.tokenizer
     params = set_trainable(policy, args, "sft")
     optimizer = parallel.Adam(params, lr=args.sft_lr)  # torch's Adam, fp32 copies of bf16 weights
-    check = held_out_states(policy, args, args.seed + 10**6, 16)  # its own draws (states may recur)
+    check = held_out_states(policy, args, args.seed + 10**6, 16)  # own draws; SFT may draw them too
     check = (*check[:2], [thought_text(args.task, i, args.thoughts) for i in check[2]])
     policy.train()
     for step in range(1, args.sft_steps + 1):
