@@ -1,13 +1,14 @@
 """EZPoints: how likely is the operator that wins, once the first number is written?
 
 For each pair of card values EZPoints deals (13 pairs; four make 12 only with *: 2 and 6, 3 and
-4, either order), sets up the state after the first card's number is written and scores all 13
+4, either order), sets up one state after the first card's number is written and scores all 13
 whole answers (right thoughts, then each action, then '"}' and EOS) under a run's final model
 (or, with --sft, the SFT model the run saved). The answers share every token before the action, so
-a softmax over their log-probs at temperature T is the chance that a sample which read the cards
-right writes each action. Prints, per pair, the chance of the right operator at T 0.2 (sampling)
-and at T 1, and the action the policy favours: a chance near 0.001 at T 0.2 is an operator that
-RL's rollouts hardly ever try.
+a softmax over their log-probs at temperature T is the chance, among these 13 well-formed answers,
+that a sample writes each action (answers that misread the cards or run on past '"}' are left
+out). Prints, per pair, the chance of the right operator at the run's sampling temperature and at
+T 1, and the action the policy favours: a chance near 0.001 at T 0.2 is an operator that RL's
+rollouts hardly ever try. For runs with thoughts (not --no-cot).
 Run: python results/ezpoints_operator.py runs/ezpoints-seed1 [--sft]
 """
 
@@ -41,10 +42,13 @@ def states_after_first_number():
 def main():
     run, sft = sys.argv[1], "--sft" in sys.argv[2:]
     with open(os.path.join(run, "checkpoint", "meta.json")) as f:
-        thoughts = json.load(f)["args"].get("thoughts", "plan")
+        saved = json.load(f)["args"]
+    if not saved["cot"]:
+        sys.exit(f"{run} was trained with --no-cot: this script scores answers with thoughts")
+    thoughts, T = saved.get("thoughts", "plan"), saved["temperature"]
     model = os.path.join(run, "sft_model" if sft else "final_model")
     processor, vlm = R.load_model(model, torch.device("cpu"), torch.float32)
-    policy = R.Policy(vlm, processor, temperature=0.2, thought_coef=1.0).eval()
+    policy = R.Policy(vlm, processor, temperature=T, thought_coef=1.0).eval()
     tokenizer, names = processor.tokenizer, envs.EZPoints.action_names
     print(f"{model} (thoughts: {thoughts}): chance of the right operator after the first number")
     sure = {"sum": [], "product": []}
@@ -56,15 +60,15 @@ def main():
             text = R.answer_text("ezpoints", info, name, True, thoughts)
             answers.append(tokenizer(text, add_special_tokens=False)["input_ids"] + [policy.eos_id])
         ones = [[1.0] * len(x) for x in answers]
-        with torch.no_grad():  # (13,) log-probs of the whole answers at T 0.2, then at T 1
-            p02, p1 = (policy.score([frame] * 13, prompt * 13, answers, ones, temperature=t)[0]
-                       .double().softmax(0) for t in (0.2, 1.0))  # fmt: skip
-        top = names[int(p02.argmax())]
-        sure["sum" if right == "+" else "product"].append(p02[names.index(right)].item())
-        print(f"  {a:>2} {b:>2} (needs {right}): T 0.2 {p02[names.index(right)]:.4f}, "
-              f"T 1 {p1[names.index(right)]:.3f}; favoured {top!r} {p02.max():.3f}")  # fmt: skip
+        with torch.no_grad():  # (13,) log-probs of the whole answers at T, then at T 1
+            pT, p1 = (policy.score([frame] * 13, prompt * 13, answers, ones, temperature=t)[0]
+                      .double().softmax(0) for t in (T, 1.0))  # fmt: skip
+        top = names[int(pT.argmax())]
+        sure["sum" if right == "+" else "product"].append(pT[names.index(right)].item())
+        print(f"  {a:>2} {b:>2} (needs {right}): T {T} {pT[names.index(right)]:.4f}, "
+              f"T 1 {p1[names.index(right)]:.3f}; favoured {top!r} {pT.max():.3f}")  # fmt: skip
     for kind, p in sure.items():
-        print(f"  {kind} pairs: mean chance at T 0.2 {np.mean(p):.4f}, lowest {np.min(p):.4f}")
+        print(f"  {kind} pairs: mean chance at T {T} {np.mean(p):.4f}, lowest {np.min(p):.4f}")
 
 
 if __name__ == "__main__":
