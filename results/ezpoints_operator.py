@@ -34,8 +34,9 @@ def states_after_first_number():
         env.reset(seed=seed)
         seed += 1
         pair = tuple(env.numbers())
-        if pair not in found:
-            found[pair] = env.step(envs.EZPoints.action_names.index(str(pair[0])))[::4]
+        if pair not in found:  # write the first card's number
+            frame, _, _, _, info = env.step(envs.EZPoints.action_names.index(str(pair[0])))
+            found[pair] = frame, info
     return dict(sorted(found.items()))
 
 
