@@ -162,6 +162,11 @@ class CardEnv(gym.Env):
     def obs(self):
         return self.render(), self.info()
 
+    def sensible_actions(self):
+        """The actions a random SFT answer picks from (see rl4vlm_min.sft_answers): all of them,
+        but in EZPoints, whose formula has one shape."""
+        return list(range(len(self.action_names)))
+
     state_fields = ()  # the game's own fields: with the generator, its whole state (--resume)
 
 
@@ -350,6 +355,16 @@ class EZPoints(PointsEnv):
     def deal(self):
         ranks = self.DEALS[self.np_random.integers(len(self.DEALS))]
         return [(r, SUITS[int(s)]) for r, s in zip(ranks, self.np_random.integers(0, 4, 2))]
+
+    def sensible_actions(self):
+        """Moves that keep the shape "number operator number =": a number on an unused card when
+        one is due, then + or *, then "=". Which operator makes 12 is left to the policy."""
+        formula, left = self.formula, self.unused_numbers()
+        if not formula or formula[-1] in PRECEDENCE:  # a number is due
+            moves = [str(n) for n in sorted(set(left))]
+        else:
+            moves = ["+", "*"] if left else ["="]
+        return [self.action_names.index(m) for m in moves] or super().sensible_actions()
 
 
 # ---- BLACKJACK: gymnasium's Blackjack-v1 rules as cards; the dealer's second card face down ----

@@ -154,7 +154,7 @@ class Args:
 # sees a reward; Points24 undiscounted: at 0.9 RL learned to stall in long formulas).
 GAME_DEFAULTS = {
     "numberline": dict(sft_oracle_prob=0.0, learning_rate=3e-4, sft_steps=100, update_epochs=2),
-    "ezpoints": dict(sft_oracle_prob=0.6, sft_steps=1000, thoughts="state"),
+    "ezpoints": dict(sft_oracle_prob=0.0, sft_lr=3e-4, thoughts="state"),
     "points24": dict(sft_oracle_prob=0.5, gamma=1.0),
     "blackjack": dict(
         sft_oracle_prob=0.0, sft_steps=2000, sft_lr=3e-4, learning_rate=3e-4, eval_episodes=1000
@@ -667,7 +667,8 @@ def ppo_update(policy, optimizer, data, advantages, returns, args, generator, up
 def sft_answers(args, env, rng, n, oracle_prob, tokenizer, readout_only=False):
     """n (frame, info, answer ids) from random states: a reset, then 0-3 moves, each the oracle's
     or a random one (states off the oracle's path too). The thoughts read the state right; the
-    action is the oracle's with probability `oracle_prob`, else random (readout_only: none)."""
+    action is the oracle's with chance `oracle_prob`, else one of env.sensible_actions() at random
+    (EZPoints: a move that keeps the formula well formed; the other games: any action)."""
     names, out = env.action_names, []
     for _ in range(n):
         obs, info = env.reset(seed=int(rng.integers(2**31)))
@@ -678,7 +679,7 @@ def sft_answers(args, env, rng, n, oracle_prob, tokenizer, readout_only=False):
             if terminated or truncated:
                 break
             obs, info, best = next_obs, next_info, env.oracle()
-        action = best if rng.random() < oracle_prob else int(rng.integers(len(names)))
+        action = best if rng.random() < oracle_prob else int(rng.choice(env.sensible_actions()))
         text = thought_text(args.task, info, args.thoughts)
         if not readout_only:
             text = answer_text(args.task, info, names[action], args.cot, args.thoughts)

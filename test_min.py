@@ -467,6 +467,34 @@ def test_sft_labels_each_state_with_the_oracles_action_in_that_state(tiny):
     assert seen == 800
 
 
+def test_random_sft_answers_keep_ezpoints_formulas_well_formed(tiny):
+    """SFT's random EZPoints actions follow "number operator number =" and leave the operator to
+    chance (RL learns which makes 12); in the other games any action may be drawn."""
+    import rl4vlm_min as R
+
+    env = points(EZPoints, [3, 4])
+    moves = [["3", "4"], ["+", "*"], ["3"], ["="]]  # after writing nothing, "4", "4 *", "4 * 3"
+    for written, want in zip(["", "4", "*", "3"], moves):
+        if written:
+            play(env, [written])
+        assert [env.action_names[i] for i in env.sensible_actions()] == want, env.formula
+    for cls in (NumberLine, Points24, Blackjack):
+        assert cls().sensible_actions() == list(range(len(cls.action_names)))
+
+    class Tagged(EZPoints):  # every info carries the well-formed moves of its own state
+        def info(self):
+            return {**super().info(), "ok": [self.action_names[i] for i in self.sensible_actions()]}
+
+    tok, ops = tiny[1].tokenizer, []
+    args = R.parse_args(["--task", "ezpoints", "--sft-oracle-prob", "0"])
+    for _, info, ids in R.sft_answers(args, Tagged(), np.random.default_rng(0), 300, 0.0, tok):
+        text = tok.decode(ids, skip_special_tokens=True)
+        index, parsed = R.parse_action(text, EZPoints.action_names)
+        assert parsed and EZPoints.action_names[index] in info["ok"], info
+        ops += [EZPoints.action_names[index]] if info["ok"] == ["+", "*"] else []
+    assert 0.3 < ops.count("*") / len(ops) < 0.7 and len(ops) > 30, ops  # a coin, on any deal
+
+
 def test_thoughts_state_drops_the_plan_and_sft_teaches_the_state_only(tiny, monkeypatch):
     """--thoughts state: the thoughts read the state and stop; SFT's answers and every read-out
     check (SFT's log, rollout, evaluation) use them (the ablation of what the plan buys)."""
@@ -1179,11 +1207,11 @@ def test_help_lists_the_kebab_case_flags(capsys):
 
 
 def test_sft_readout_steps_minus_one_is_half_of_the_games_sft():
-    """-1 is resolved after the game's defaults: EZPoints' 1,000 SFT steps give 500."""
-    assert R.parse_args(["--task", "ezpoints", "--sft-readout-steps", "-1"]).sft_readout == 500
-    args = R.parse_args(["--task", "ezpoints", "--sft-readout-steps", "-1", "--sft-steps", "300"])
+    """-1 is resolved after the game's defaults: Blackjack's 2,000 SFT steps give 1,000."""
+    assert R.parse_args(["--task", "blackjack", "--sft-readout-steps", "-1"]).sft_readout == 1000
+    args = R.parse_args(["--task", "blackjack", "--sft-readout-steps", "-1", "--sft-steps", "300"])
     assert args.sft_readout == 150
-    assert R.parse_args(["--task", "ezpoints", "--sft-readout-steps", "7"]).sft_readout == 7
+    assert R.parse_args(["--task", "blackjack", "--sft-readout-steps", "7"]).sft_readout == 7
 
 
 def test_training_seeds_stay_below_the_evaluation_seeds(monkeypatch, capsys):
