@@ -163,8 +163,8 @@ class CardEnv(gym.Env):
         return self.render(), self.info()
 
     def sensible_actions(self):
-        """The actions a random SFT answer picks from (see rl4vlm_min.sft_answers): all of them,
-        but in EZPoints, whose formula has one shape."""
+        """The actions a random SFT answer picks from (rl4vlm_min.sft_answers): every action here;
+        EZPoints overrides it, as its formula has one shape."""
         return list(range(len(self.action_names)))
 
     state_fields = ()  # the game's own fields: with the generator, its whole state (--resume)
@@ -358,7 +358,8 @@ class EZPoints(PointsEnv):
 
     def sensible_actions(self):
         """Moves that keep the shape "number operator number =": a number on an unused card when
-        one is due, then + or *, then "=". Which operator makes 12 is left to the policy."""
+        one is due, then + or *, then "=". Which operator makes 12 is left to the policy. A formula
+        off that shape (random moves can write "3 4 +") has none: then any action."""
         formula, left = self.formula, self.unused_numbers()
         if not formula or formula[-1] in PRECEDENCE:  # a number is due
             moves = [str(n) for n in sorted(set(left))]

@@ -39,11 +39,11 @@ layer in RL, clip 0.1, one grad-norm clip 0.01, advantages normalised per rollou
 Without the preset, for the tiny model (tiny-llava/: 0.5M parameters, word-level tokenizer, image
 after the text; its recipe taught it to read the games' frames and answer in their JSON format, at
 random, as a 7B LLaVA's pretraining would): lr 1e-4 or 3e-4, clip 0.2, 16 envs x 8 steps, all
-weights train, 2 PPO epochs in NumberLine (others 4); SFT answers at random in NumberLine and
-Blackjack; the value head reads the prompt's mean hidden state, detached and standardized; a KL
-penalty toward the SFT policy (--kl-coef 0.5, exact over the vocabulary) and Adam's beta2 0.99 make
-bursts of broken answers rarer; the VLM's and the value head's gradients are each clipped to norm
-0.5; advantages are normalised per minibatch; Points24 is undiscounted (gamma 1; see GAME_DEFAULTS).
+weights train, 2 PPO epochs in NumberLine (others 4); SFT acts at random but in Points24 (EZPoints:
+well-formed moves); the value head reads the prompt's mean hidden state, detached, standardized; a
+KL penalty toward the SFT policy (--kl-coef 0.5, exact over the vocabulary) and Adam's beta2 0.99
+make bursts of broken answers rarer; the VLM's and the value head's gradients are each clipped to
+norm 0.5; advantages are normalised per minibatch; Points24 is undiscounted (gamma 1).
 """
 
 import copy
@@ -149,9 +149,8 @@ class Args:
         self.num_updates = max(self.total_steps // max(self.batch_size * WORLD, 1), 1)
 
 
-# Each game's tuned settings, set before the flags you type (which win); why each, with its runs:
-# README.md, "Each game's defaults" (e.g. the points games' SFT must finish formulas, or RL never
-# sees a reward; Points24 undiscounted: at 0.9 RL learned to stall in long formulas).
+# Each game's tuned settings, set before the flags you type (which win). Why each, with its runs:
+# README.md, "Each game's defaults" (e.g. Points24 is undiscounted: at 0.9 RL stalled in formulas).
 GAME_DEFAULTS = {
     "numberline": dict(sft_oracle_prob=0.0, learning_rate=3e-4, sft_steps=100, update_epochs=2),
     "ezpoints": dict(sft_oracle_prob=0.0, sft_lr=3e-4, thoughts="state"),
@@ -672,14 +671,14 @@ def sft_answers(args, env, rng, n, oracle_prob, tokenizer, readout_only=False):
     names, out = env.action_names, []
     for _ in range(n):
         obs, info = env.reset(seed=int(rng.integers(2**31)))
-        best = env.oracle()  # the oracle's action in the state kept, never in a terminal one
+        best, ok = env.oracle(), env.sensible_actions()  # in the state kept, never a terminal one
         for _ in range(int(rng.integers(4))):
             move = best if rng.random() < 0.5 else int(rng.integers(len(names)))
             next_obs, _, terminated, truncated, next_info = env.step(move)
             if terminated or truncated:
                 break
-            obs, info, best = next_obs, next_info, env.oracle()
-        action = best if rng.random() < oracle_prob else int(rng.choice(env.sensible_actions()))
+            obs, info, best, ok = next_obs, next_info, env.oracle(), env.sensible_actions()
+        action = best if rng.random() < oracle_prob else ok[int(rng.integers(len(ok)))]
         text = thought_text(args.task, info, args.thoughts)
         if not readout_only:
             text = answer_text(args.task, info, names[action], args.cot, args.thoughts)
