@@ -228,6 +228,13 @@ def pretrain_vision(vlm, processor, rng):
                   f"card values read {hit:.2f}", flush=True)  # fmt: skip
 
 
+def any_action(cls):
+    """cls with every action open to its random answers, as when tiny-llava/ was built: EZPoints'
+    SFT now draws well-formed moves only (envs.EZPoints.sensible_actions); the build keeps the
+    old draw, so the recipe still makes the shipped model."""
+    return type(cls.__name__, (cls,), {"sensible_actions": envs.CardEnv.sensible_actions})
+
+
 def pretrain_describe(vlm, processor, rng, steps):
     """Stage 2: the whole VLM learns to answer every game (read-out right, action random), each
     batch mixing the four. Returns the last greedy read-out of each game (50 held-out states)."""
@@ -236,8 +243,9 @@ def pretrain_describe(vlm, processor, rng, steps):
     tok = processor.tokenizer
     optimizer = torch.optim.Adam(vlm.parameters(), lr=cfg["lr"])
     games, checks = {}, {}
-    for task, cls in envs.TASKS.items():  # 50 held-out states per game for the read-out check
+    for task, game in envs.TASKS.items():  # 50 held-out states per game for the read-out check
         args = types.SimpleNamespace(task=task, cot=True, thoughts="plan", max_new_tokens=48)
+        cls = any_action(game)  # its random answers may write any action
         games[task] = args, cls()
         check = rl.sft_answers(args, cls(), np.random.default_rng(10**6), 50, 0.0, tok, True)
         infos = [i for _, i, _ in check]
@@ -292,9 +300,9 @@ def recipe_key(steps):
     """A hash of what determines the model: its settings and the code (code_text) that builds it,
     draws the frames (all of envs.py), writes the prompts and answers, loads and scores."""
     code = [envs, tiny_tokenizer, tiny_corpus, build_tiny_model, pretrain_tiny, pretrain_vision,
-            patch_values, pretrain_describe, rl.build_prompt, rl.chat_prompt, rl.task_prompts,
-            rl.thought_text, rl.answer_text, rl.sft_answers, rl.load_model, rl.Policy.__init__,
-            rl.Policy.encode_prompts, rl.Policy.score, rl.Policy.hidden_states,
+            patch_values, any_action, pretrain_describe, rl.build_prompt, rl.chat_prompt,
+            rl.task_prompts, rl.thought_text, rl.answer_text, rl.sft_answers, rl.load_model,
+            rl.Policy.__init__, rl.Policy.encode_prompts, rl.Policy.score, rl.Policy.hidden_states,
             checks.output_logits]  # fmt: skip
     text = json.dumps([TINY_VISION, TINY_TEMPLATE, TINY_SPLIT, TINY_PRETRAIN, rl.GAME_RULES, steps])
     text += "".join(code_text(obj) for obj in code)
