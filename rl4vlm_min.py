@@ -39,11 +39,11 @@ layer in RL, clip 0.1, one grad-norm clip 0.01, advantages normalised per rollou
 Without the preset, for the tiny model (tiny-llava/: 0.5M parameters, word-level tokenizer, image
 after the text; its recipe taught it to read the games' frames and answer in their JSON format, at
 random, as a 7B LLaVA's pretraining would): lr 1e-4 or 3e-4, clip 0.2, 16 envs x 8 steps, all
-weights train, 2 PPO epochs in NumberLine (others 4); SFT acts at random except in Points24
-(EZPoints: well-formed moves); the value head reads the prompt's mean hidden state, detached,
-standardized; a KL penalty toward the SFT policy (--kl-coef 0.5, exact over the vocabulary) and
-Adam's beta2 0.99 make bursts of broken answers rarer; the VLM's and the value head's gradients are
-each clipped to norm 0.5; advantages are normalised per minibatch; Points24 is undiscounted (gamma 1).
+weights train, 2 PPO epochs in NumberLine (others 4); SFT acts at random (not Points24; EZPoints:
+well-formed moves); the value head reads the prompt's mean hidden state, detached, standardized; a
+KL penalty toward the SFT policy (--kl-coef 0.5, exact over the vocabulary) and Adam's beta2 0.99
+make bursts of broken answers rarer; the VLM's and the value head's gradients are each clipped to
+norm 0.5; advantages are normalised per minibatch; Points24 is undiscounted (gamma 1).
 """
 
 import copy
